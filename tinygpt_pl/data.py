@@ -1,0 +1,248 @@
+"""The data: a text corpus, tokenized, served as blocks of tokens.
+
+Training batches are random blocks (x = block_size tokens, y = x shifted by one) whose start offsets are a pure
+function of (seed, optimizer step): the global batch of a step is drawn at once and every DDP rank and every
+gradient-accumulation micro-batch takes its own disjoint slice. Resuming at step s therefore replays exactly
+the blocks an uninterrupted run would have seen, and nothing but the step needs saving.
+
+Validation covers the whole val split once, in fixed non-overlapping blocks shared out across ranks, so
+val/loss is exact and reproducible rather than a random estimate.
+"""
+
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tinygpt_pl.errors import UsageError
+from tinygpt_pl.tokenizer import CharTokenizer, tokenizer_from_state
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def default_cache_dir() -> Path:
+    """$TINYGPT_PL_CACHE, else $XDG_CACHE_HOME/tinygpt_pl, else ~/.cache/tinygpt_pl."""
+    if "TINYGPT_PL_CACHE" in os.environ:
+        return Path(os.environ["TINYGPT_PL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tinygpt_pl"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_tiny_shakespeare(cache_dir: Path) -> Path:
+    """The lecture's corpus from its canonical URL, downloaded once into cache_dir and checked by sha256."""
+    target = cache_dir / "tinyshakespeare.txt"
+    if target.exists() and sha256_of(target) == TINY_SHAKESPEARE_SHA256:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tinyshakespeare-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as resp:
+            f.write(resp.read())
+        if sha256_of(Path(tmp)) != TINY_SHAKESPEARE_SHA256:
+            raise UsageError(
+                f"the download of {TINY_SHAKESPEARE_URL} does not match its sha256: "
+                "try again, or pass --data.path with a local copy"
+            )
+        os.replace(tmp, target)  # atomic: a half-written download is never taken for the corpus
+    except OSError as e:
+        raise UsageError(
+            f"could not download tiny Shakespeare from {TINY_SHAKESPEARE_URL} ({e}): "
+            "pass --data.path FILE with a local text file"
+        ) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UsageError(f"data file {str(path)!r} does not exist: pass --data.path to an existing text file")
+    raw = path.read_bytes()
+    if not raw:
+        raise UsageError(f"data file {str(path)!r} is empty: pass --data.path to a file with text in it")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"data file {str(path)!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): "
+            "convert it to UTF-8"
+        ) from None
+
+
+def train_batch(
+    tokens: np.ndarray, block_size: int, batch_size: int, seed: int, step: int, part: int, num_parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Part `part` of the global batch of optimizer step `step`: batch_size random blocks of tokens.
+
+    The step's num_parts * batch_size start offsets are drawn from a generator seeded by (seed, step) alone,
+    so which blocks a step sees depends neither on history nor on how the batch is split into parts.
+    """
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - block_size, size=num_parts * batch_size)
+    starts = starts[part * batch_size : (part + 1) * batch_size]
+    chunk = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+def val_batch(tokens: np.ndarray, block_size: int, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks number `blocks` of the val split, laid end to end; targets past the split's end are -1."""
+    idx = blocks[:, None] * block_size + np.arange(block_size + 1)
+    chunk = torch.from_numpy(tokens[np.minimum(idx, len(tokens) - 1)].astype(np.int64))
+    chunk[torch.from_numpy(idx >= len(tokens))] = -1
+    x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+    x[x < 0] = 0  # padding positions; their targets are ignored
+    return x, y
+
+
+class IndexedBatches(IterableDataset):
+    """Yields make_batch(i) for i in indices, shared out across DataLoader workers so that order is kept."""
+
+    def __init__(self, make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], indices: range) -> None:
+        self.make_batch = make_batch
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker = get_worker_info()
+        indices = self.indices if worker is None else self.indices[worker.id :: worker.num_workers]
+        return map(self.make_batch, indices)
+
+
+class TrainBatchMaker:
+    """Micro-batch i of this rank: step i // accumulate, part (i % accumulate) * world_size + rank."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, accumulate: int,
+                 world_size: int, rank: int) -> None:  # fmt: skip
+        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
+        self.accumulate, self.world_size, self.rank = accumulate, world_size, rank
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step, k = divmod(i, self.accumulate)
+        part = k * self.world_size + self.rank
+        num_parts = self.accumulate * self.world_size
+        return train_batch(self.tokens, self.block_size, self.batch_size, self.seed, step, part, num_parts)
+
+
+class ValBatchMaker:
+    """Batch j of this rank's share (every world_size-th block) of the val split's blocks."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, world_size: int, rank: int) -> None:
+        self.tokens, self.block_size = tokens, block_size
+        num_blocks = -(-(len(tokens) - 1) // block_size)  # blocks needed to predict every token once
+        self.blocks = np.arange(rank, num_blocks, world_size)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.blocks) // self.batch_size)
+
+    def __call__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = self.blocks[j * self.batch_size : (j + 1) * self.batch_size]
+        return val_batch(self.tokens, self.block_size, blocks)
+
+
+class TextDataModule(L.LightningDataModule):
+    """A text corpus with a character-level tokenizer; the first 90% trains, the last 10% validates.
+
+    Args:
+        path: a UTF-8 text file; by default the lecture's tiny Shakespeare, downloaded into the cache.
+        block_size: tokens per training example (the model's context length).
+        batch_size: sequences per micro-batch on each device.
+        val_fraction: the share of the corpus, from its end, held out for validation.
+        seed: fixes which blocks every training step sees.
+        num_workers: DataLoader worker processes per device.
+        cache_dir: where downloads go; default $TINYGPT_PL_CACHE or ~/.cache/tinygpt_pl.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        block_size: int = 256,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        seed: int = 1337,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if block_size < 1 or batch_size < 1:
+            raise UsageError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise UsageError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
+        self.seed, self.num_workers = seed, num_workers
+        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.path = Path(path).expanduser() if path else fetch_tiny_shakespeare(cache)
+        self.text = read_text(self.path)
+        self.tokenizer = CharTokenizer.from_text(self.text)
+        n_val = len(self.text) - int(len(self.text) * (1 - val_fraction))
+        n_train = len(self.text) - n_val
+        if min(n_train, n_val) < block_size + 1:
+            raise UsageError(
+                f"{str(self.path)!r} has {n_train} train and {n_val} val tokens, too few for one block of "
+                f"{block_size + 1}: use a longer corpus or a smaller --data.block_size"
+            )
+        self.train_tokens: np.ndarray | None = None
+        self.val_tokens: np.ndarray | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def setup(self, stage: str) -> None:
+        if self.train_tokens is None:
+            ids = np.array(self.tokenizer.encode(self.text), dtype=np.uint16 if self.vocab_size < 2**16 else np.uint32)
+            n = int(len(ids) * (1 - self.val_fraction))
+            self.train_tokens, self.val_tokens = ids[:n], ids[n:]
+
+    def _loader(self, dataset: IndexedBatches) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        maker = TrainBatchMaker(self.train_tokens, self.block_size, self.batch_size, self.seed, accumulate,
+                                trainer.world_size, trainer.global_rank)  # fmt: skip
+        # Start where the (possibly resumed) run stands, so a resumed run sees what an uninterrupted one would.
+        stop = trainer.max_steps * accumulate if trainer.max_steps > 0 else sys.maxsize
+        return self._loader(IndexedBatches(maker, range(trainer.global_step * accumulate, stop)))
+
+    def val_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        maker = ValBatchMaker(self.val_tokens, self.block_size, self.batch_size, trainer.world_size,
+                              trainer.global_rank)  # fmt: skip
+        return self._loader(IndexedBatches(maker, range(len(maker))))
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if tokenizer_from_state(state_dict["tokenizer"]).state_dict() != self.tokenizer.state_dict():
+            raise UsageError(
+                "the checkpoint was trained with another tokenizer/vocabulary than this run's data: "
+                "resume with the same --data settings as the run that wrote it"
+            )

@@ -1,0 +1,127 @@
+"""The LightningModule: the GPT with its optimizer, learning-rate schedule and validation loss."""
+
+import math
+from dataclasses import fields
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
+
+from tinygpt_pl.errors import UsageError
+from tinygpt_pl.model import GPT, GPTConfig
+
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def cosine_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Linear warm-up to learning_rate, then cosine decay to min_lr at decay_steps, then min_lr."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+class GPTModule(L.LightningModule):
+    """Trains a GPT: next-token cross-entropy, AdamW, warm-up + cosine schedule stepped per optimizer step.
+
+    Args:
+        vocab_size, block_size: set from the data (linked by the CLI).
+        n_layer, n_head, n_embd, dropout, bias: the Transformer's shape (see GPTConfig).
+        learning_rate, min_lr, warmup_steps: the schedule's peak, floor and warm-up length.
+        lr_decay_steps: the step at which the cosine reaches min_lr; default trainer.max_steps.
+        weight_decay: applied to 2-D weights (matmuls, embeddings) only, not to biases and LayerNorms.
+        betas: AdamW's betas.
+        sample_tokens: length of the text sample logged to TensorBoard at each validation (0: none).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 65,
+        block_size: int = 256,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_embd: int = 384,
+        dropout: float = 0.2,
+        bias: bool = False,
+        learning_rate: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        sample_tokens: int = 200,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        config = GPTConfig(**{f.name: self.hparams[f.name] for f in fields(GPTConfig)})
+        try:
+            self.model = GPT(config)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.val_loss = MeanMetric()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.val_loss.update(loss, weight=(y != -1).sum())  # token-weighted: exact over the whole split
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.val_loss.compute()  # summed across DDP ranks by torchmetrics
+        self.val_loss.reset()
+        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(val_loss), rank_zero_only=True)
+        if not self.trainer.sanity_checking:
+            self.log_sample()
+
+    def log_sample(self) -> None:
+        """A short generated text in TensorBoard, sampled with its own RNG so training is unaffected."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.sample_tokens <= 0 or not self.trainer.is_global_zero or datamodule is None:
+            return
+        if not isinstance(self.logger, TensorBoardLogger):
+            return
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        out = self.model.generate(idx, self.hparams.sample_tokens, top_k=200, generator=generator)
+        text = datamodule.tokenizer.decode(out[0].tolist())
+        self.logger.experiment.add_text("sample", f"```\n{text}\n```", self.global_step)
+
+    def configure_optimizers(self) -> dict:
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=self.device.type == "cuda"
+        )
+        decay_steps = hp.lr_decay_steps or self.trainer.max_steps
+        if decay_steps <= 0:
+            raise UsageError("the cosine schedule needs an end: set --trainer.max_steps or --model.lr_decay_steps")
+
+        def lr_lambda(step: int) -> float:
+            return cosine_lr(step, hp.learning_rate, hp.min_lr, hp.warmup_steps, decay_steps) / hp.learning_rate
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        diff = [f"{k}={saved[k]} (this run: {self.hparams[k]})" for k in SHAPE_KEYS if saved.get(k) != self.hparams[k]]
+        if diff:
+            raise UsageError(
+                f"the checkpoint holds a model of another shape: {', '.join(diff)}: "
+                "resume with the model settings it was trained with (its config.yaml)"
+            )
