@@ -5,7 +5,6 @@ ModelCheckpoint is the `checkpoint` group, and `--ckpt_path last` resumes the ru
 """
 
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tinygpt_pl.data import TextDataModule
-from tinygpt_pl.errors import UsageError
+from tinygpt_pl.errors import UsageError, exit_on_bad_input
 from tinygpt_pl.module import GPTModule
 
 
@@ -32,6 +31,7 @@ class TrainCLI(LightningCLI):
             auto_configure_optimizers=False,
             run=False,
             args=args,
+            parser_kwargs={"exit_on_error": False},  # bad options become one line (exit_on_bad_input)
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -89,12 +89,9 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return ckpt_path
 
 
+@exit_on_bad_input
 def main(args: list[str] | None = None) -> None:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    try:
-        cli = TrainCLI(args)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli = TrainCLI(args)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
