@@ -1,0 +1,199 @@
+"""The CPU recipe benchmark: train.py on configs/shakespeare_char_cpu.yaml against a plain PyTorch loop.
+
+Both run as subprocesses of this script, alternating, so both pay the same interpreter start-up; the wall time
+of each is the whole subprocess. The plain loop (`--plain`) reads the same YAML config and reuses the package's
+GPT, batches, schedule and validation blocks; only the training loop itself is written out by hand.
+
+    python benchmarks/cpu_recipe.py --data-path /path/to/tinyshakespeare.txt [--repeats 3]
+"""
+
+import argparse
+import inspect
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from importlib.metadata import version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "shakespeare_char_cpu.yaml"
+DEFAULT_RESULTS = REPO / "benchmarks" / "results.md"
+
+
+def plain_run(config_path: Path, data_path: str) -> None:
+    """Train the config's recipe with a plain PyTorch loop; print val/loss over the full val split as it goes."""
+    import torch
+    import yaml
+
+    from tinygpt_pl.data import TextDataModule, ValBatchMaker, train_batch
+    from tinygpt_pl.model import GPT, GPTConfig
+    from tinygpt_pl.module import GPTModule, cosine_lr
+
+    config = yaml.safe_load(config_path.read_text())
+    seed, trainer = config["seed_everything"], config["trainer"]
+    data = TextDataModule(path=data_path, **{"seed": seed, **config["data"]})
+    data.setup("fit")
+    defaults = {k: p.default for k, p in inspect.signature(GPTModule.__init__).parameters.items() if k != "self"}
+    hp = {**defaults, **config["model"], "vocab_size": data.vocab_size, "block_size": data.block_size}
+    max_steps, val_every, clip = trainer["max_steps"], trainer["val_check_interval"], trainer["gradient_clip_val"]
+    decay_steps = hp["lr_decay_steps"] or max_steps
+    val_batches = ValBatchMaker(data.val_tokens, data.block_size, data.batch_size, world_size=1, rank=0)
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{f.name: hp[f.name] for f in fields(GPTConfig)}))
+    groups = [
+        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": float(hp["weight_decay"])},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=float(hp["learning_rate"]), betas=tuple(hp["betas"]))
+
+    model.train()
+    for step in range(max_steps):
+        lr = cosine_lr(step, float(hp["learning_rate"]), float(hp["min_lr"]), hp["warmup_steps"], decay_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = train_batch(data.train_tokens, data.block_size, data.batch_size, data.seed, step, 0, 1)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % val_every == 0:
+            model.eval()
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for j in range(len(val_batches)):
+                    x, y = val_batches(j)
+                    _, loss = model(x, y)
+                    n = int((y != -1).sum())
+                    total, count = total + loss.item() * n, count + n
+            model.train()
+            print(f"step {step + 1} val/loss {total / count:.6f}", flush=True)
+
+
+def run_timed(cmd: list[str], log: Path) -> float:
+    """Run cmd in the repository root with its output going to log; its wall time in seconds."""
+    with open(log, "w") as f:
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{shlex.join(cmd)} failed with exit status {proc.returncode}; its output:\n{log.read_text()[-4000:]}")
+    return seconds
+
+
+def project_val_losses(root_dir: Path) -> dict[int, float]:
+    """val/loss by number of optimizer steps done, from the TensorBoard events of the train.py run in root_dir
+    (Lightning logs a validation under the 0-based index of the step before it, hence the + 1)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = root_dir.glob("lightning_logs/version_*/events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    return {e.step + 1: e.value for e in acc.Scalars("val/loss")}
+
+
+def plain_val_losses(log: Path) -> dict[int, float]:
+    """val/loss by step, from the output of a --plain run."""
+    return {int(s): float(v) for s, v in re.findall(r"^step (\d+) val/loss (\S+)$", log.read_text(), re.M)}
+
+
+def machine() -> str:
+    """Core count and CPU model, as nproc and /proc/cpuinfo give them."""
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    return f"{nproc} cores (nproc), {model.group(1) if model else 'unknown CPU'}"
+
+
+def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None:
+    """Alternate train.py and the plain loop `repeats` times each; print the table and append it to results."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cpu_recipe-") as tmp:
+        for i in range(repeats):
+            root = Path(tmp) / f"project-{i}"
+            project_cmd = [sys.executable, "train.py", "--config", str(config), "--data.path", data_path,
+                           "--trainer.default_root_dir", str(root)]  # fmt: skip
+            plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", "--config", str(config),
+                         "--data-path", data_path]  # fmt: skip
+            plain_log = Path(tmp) / f"plain-{i}.log"
+            order = ["project", "plain"] if i % 2 == 0 else ["plain", "project"]  # ABBA: balance drift
+            seconds = {}
+            for which in order:
+                if which == "project":
+                    seconds[which] = run_timed(project_cmd, Path(tmp) / f"project-{i}.log")
+                else:
+                    seconds[which] = run_timed(plain_cmd, plain_log)
+                print(f"repeat {i + 1}/{repeats}: {which} {seconds[which]:.1f} s", flush=True)
+            project_losses, plain_losses = project_val_losses(root), plain_val_losses(plain_log)
+            if project_losses.keys() != plain_losses.keys():
+                sys.exit(f"validated at different steps: {sorted(project_losses)} vs {sorted(plain_losses)}")
+            last = max(plain_losses)
+            max_diff = max(abs(project_losses[s] - plain_losses[s]) for s in plain_losses)
+            rows.append((seconds["project"], seconds["plain"], project_losses[last], plain_losses[last], max_diff))
+
+    project_s, plain_s = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+    lines = [
+        "| run | train.py wall (s) | plain loop wall (s) | project/plain | train.py val/loss | plain val/loss "
+        f"| max abs diff of val/loss at the {len(plain_losses)} validations |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {i + 1} | {p:.1f} | {q:.1f} | {p / q:.3f} | {a:.4f} | {b:.4f} | {d:.1e} |"
+            for i, (p, q, a, b, d) in enumerate(rows)
+        ),  # fmt: skip
+        f"| **median** | **{project_s:.1f}** | **{plain_s:.1f}** | **{project_s / plain_s:.3f}** "
+        f"| {statistics.median(r[2] for r in rows):.4f} | {statistics.median(r[3] for r in rows):.4f} | |",
+        "",
+        f"Ratio of medians: project/plain = {project_s / plain_s:.3f}, plain/project = {plain_s / project_s:.3f} "
+        f"(target: project/plain <= 1.05). Final val/loss is at step {last}, over the full val split "
+        "(target: <= 1.88).",
+    ]
+    date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
+    section = "\n".join(
+        [
+            f"## CPU recipe: {config.name}, {date}",
+            "",
+            f"Machine: {machine()}; torch {version('torch')}, lightning {version('lightning')}.",
+            "",
+            "Command:",
+            "",
+            "```",
+            shlex.join(["python", *sys.argv]),
+            "```",
+            "",
+            f"Each repeat runs, alternating which goes first, `{shlex.join(['python', *project_cmd[1:]])}` "
+            "(TMP: a fresh temporary directory) and the plain PyTorch loop of the same recipe, "
+            f"`{shlex.join(['python', *plain_cmd[1:]])}`. Wall time is the whole subprocess.",
+            "",
+            *lines,
+        ]
+    )
+    print("\n" + section)
+    if not results.exists():
+        results.write_text("# Benchmarks\n")
+    with open(results, "a") as f:
+        f.write("\n" + section + "\n")
+    print(f"\nappended to {results}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the training config (YAML)")
+    parser.add_argument("--data-path", required=True, help="the text corpus, passed to train.py as --data.path")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternating (default 3)")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to append to")
+    parser.add_argument("--plain", action="store_true", help="run the plain PyTorch loop once (used internally)")
+    args = parser.parse_args()
+    if args.plain:
+        plain_run(args.config, args.data_path)
+    else:
+        benchmark(args.config.resolve(), args.data_path, args.repeats, args.results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinygpt_pl.data import TextDataModule
+from tinygpt_pl.module import GPTModule, cosine_lr
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    lr = [cosine_lr(s, 1e-3, 1e-4, warmup_steps=100, decay_steps=2000) for s in range(2500)]
+    assert lr[0] == pytest.approx(1e-3 / 101) and lr[99] == pytest.approx(1e-3 * 100 / 101)
+    assert lr[100] == pytest.approx(1e-3)
+    assert lr[1050] == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert all(a >= b for a, b in zip(lr[100:], lr[101:], strict=False))
+    assert lr[2000] == lr[2499] == 1e-4
+
+
+def test_weight_decay_only_on_matrices():
+    module = GPTModule(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True)
+    module.trainer = L.Trainer(max_steps=10, logger=False)
+    config = module.configure_optimizers()
+    decay, no_decay = config["optimizer"].param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
+
+
+def test_val_loss_is_the_exact_token_mean_over_the_whole_split(tmp_path, corpus):
+    text = corpus.read_text()[:20_000]
+    path = tmp_path / "small.txt"
+    path.write_text(text)
+    dm = TextDataModule(path=str(path), block_size=48, batch_size=5)
+    module = GPTModule(vocab_size=dm.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)  # fmt: skip
+    (result,) = trainer.validate(module, datamodule=dm, verbose=False)
+
+    ids = torch.tensor(dm.val_tokens.astype("int64"))
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for start in range(0, len(ids) - 1, 48):
+            x = ids[start : start + 48][: len(ids) - 1 - start]
+            y = ids[start + 1 : start + 49]
+            logits, _ = module.model(x[None])
+            total += F.cross_entropy(logits[0], y, reduction="sum").item()
+            count += len(y)
+    assert count == len(ids) - 1
+    assert result["val/loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["val/ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
