@@ -9,7 +9,6 @@ Validation covers the whole val split once, in fixed non-overlapping blocks shar
 val/loss is exact and reproducible rather than a random estimate.
 """
 
-import hashlib
 import os
 import sys
 import tempfile
@@ -23,7 +22,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.tokenizer import CharTokenizer, tokenizer_from_state
+from tinygpt_pl.prepare import check_token_file, open_tokens, read_sidecar, sha256_of, token_dtype, tokenize_to_file
+from tinygpt_pl.sources import load_hub, load_local, local_files, source_key
+from tinygpt_pl.tokenizer import CharTokenizer, get_tokenizer, padded_vocab_size, tokenizer_from_state
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -34,14 +35,6 @@ def default_cache_dir() -> Path:
     if "TINYGPT_PL_CACHE" in os.environ:
         return Path(os.environ["TINYGPT_PL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tinygpt_pl"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_tiny_shakespeare(cache_dir: Path) -> Path:
@@ -159,17 +152,44 @@ class ValBatchMaker:
         return val_batch(self.tokens, self.block_size, blocks)
 
 
+def split_sizes(n: int, val_fraction: float, val_max_tokens: int | None) -> tuple[int, int]:
+    """(train, val) token counts of a corpus of n tokens: its last val_fraction held out, at most val_max_tokens."""
+    n_val = n - int(n * (1 - val_fraction))
+    if val_max_tokens is not None:
+        n_val = min(n_val, val_max_tokens)
+    return n - n_val, n_val
+
+
+def check_enough(n_train: int, n_val: int, block_size: int, name: str) -> None:
+    if min(n_train, n_val) < block_size + 1:
+        raise UsageError(
+            f"{name} has {n_train} train and {n_val} val tokens, too few for one block of "
+            f"{block_size + 1}: use a longer corpus or a smaller --data.block_size"
+        )
+
+
 class TextDataModule(L.LightningDataModule):
-    """A text corpus with a character-level tokenizer; the first 90% trains, the last 10% validates.
+    """A text corpus, tokenized, split into train and val tokens.
+
+    With the char tokenizer (the lecture's), one text file is read and tokenized in memory, and its last
+    val_fraction validates. With a BPE tokenizer, prepare_data tokenizes the source once into a cache of flat
+    token files, which setup memory-maps on every rank; validation is the source's own validation split when it
+    has one, else its last val_fraction of tokens.
 
     Args:
-        path: a UTF-8 text file; by default the lecture's tiny Shakespeare, downloaded into the cache.
+        path: a text file (char); for BPE also a folder or glob of .txt, .jsonl/.json or .parquet files.
+            Default: the lecture's tiny Shakespeare, downloaded into the cache.
         block_size: tokens per training example (the model's context length).
         batch_size: sequences per micro-batch on each device.
         val_fraction: the share of the corpus, from its end, held out for validation.
         seed: fixes which blocks every training step sees.
         num_workers: DataLoader worker processes per device.
-        cache_dir: where downloads go; default $TINYGPT_PL_CACHE or ~/.cache/tinygpt_pl.
+        cache_dir: where downloads and token files go; default $TINYGPT_PL_CACHE or ~/.cache/tinygpt_pl.
+        tokenizer: char, gpt2, r50k_base, cl100k_base or o200k_base.
+        text_column: the column of .jsonl/.json/.parquet files or hub datasets that holds the text.
+        hf_path, hf_name, split: a hub dataset, its config and the split to train on (instead of path).
+        val_max_tokens: at most this many val tokens (validation passes stay short on huge corpora).
+        num_proc: processes that tokenize; default all CPUs.
     """
 
     def __init__(
@@ -181,37 +201,97 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 1337,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        tokenizer: str = "char",
+        text_column: str = "text",
+        hf_path: str | None = None,
+        hf_name: str | None = None,
+        split: str = "train",
+        val_max_tokens: int | None = None,
+        num_proc: int | None = None,
     ) -> None:
         super().__init__()
         if block_size < 1 or batch_size < 1:
             raise UsageError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
         if not 0.0 < val_fraction < 1.0:
             raise UsageError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        if val_max_tokens is not None and val_max_tokens < 2:
+            raise UsageError(f"val_max_tokens must be >= 2 (or null for no cap), got {val_max_tokens}")
+        if path and hf_path:
+            raise UsageError("both --data.path and --data.hf_path are set: pass local files or a hub dataset")
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
-        self.seed, self.num_workers = seed, num_workers
-        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.path = Path(path).expanduser() if path else fetch_tiny_shakespeare(cache)
-        self.text = read_text(self.path)
-        self.tokenizer = CharTokenizer.from_text(self.text)
-        n_val = len(self.text) - int(len(self.text) * (1 - val_fraction))
-        n_train = len(self.text) - n_val
-        if min(n_train, n_val) < block_size + 1:
-            raise UsageError(
-                f"{str(self.path)!r} has {n_train} train and {n_val} val tokens, too few for one block of "
-                f"{block_size + 1}: use a longer corpus or a smaller --data.block_size"
-            )
+        self.seed, self.num_workers, self.val_max_tokens = seed, num_workers, val_max_tokens
+        self.text_column, self.hf_path, self.hf_name, self.split = text_column, hf_path, hf_name, split
+        self.num_proc = num_proc or os.cpu_count() or 1
+        self.cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.train_tokens: np.ndarray | None = None
         self.val_tokens: np.ndarray | None = None
+        if tokenizer == "char":
+            if hf_path:
+                raise UsageError("the char tokenizer reads one text file: pass --data.path, or a BPE --data.tokenizer")
+            self.path = Path(path).expanduser() if path else fetch_tiny_shakespeare(self.cache)
+            self.text = read_text(self.path)
+            self.tokenizer = CharTokenizer.from_text(self.text)
+            check_enough(*split_sizes(len(self.text), val_fraction, val_max_tokens), block_size, repr(str(self.path)))
+            self.token_dir = None
+        else:
+            self.tokenizer = get_tokenizer(tokenizer)
+            self.files = None if hf_path else local_files(path or str(fetch_tiny_shakespeare(self.cache)))
+            self.source, key = source_key(self.files, hf_path, hf_name, split, text_column)
+            self.token_dir = self.cache / "tokens" / f"{tokenizer}-{key}"
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        """The model's vocabulary: BPE vocabularies padded to a multiple of 64 for speed; the char one as it is
+        (it is tiny, and the lecture's model has exactly its 65 characters)."""
+        n = self.tokenizer.vocab_size
+        return n if self.token_dir is None else padded_vocab_size(n)
+
+    def prepare_data(self) -> None:
+        """Tokenize the source into the cache, unless a finished, intact tokenization of it is there.
+        Lightning runs this once per node, before setup."""
+        if self.token_dir is None or self.cached_splits(full=True):
+            return
+        if self.files is None:
+            splits = load_hub(self.hf_path, self.hf_name, self.split, self.text_column)
+        else:
+            splits = load_local(self.files, self.text_column, self.cache / "hf")
+        documents = self.files is None or self.files[0].suffix != ".txt"
+        meta = {"source": self.source, "tokenizer": self.tokenizer.name, "has_val": "val" in splits}
+        self.token_dir.mkdir(parents=True, exist_ok=True)
+        for name in sorted(splits, reverse=True):  # train last: its sidecar marks the whole prepare finished
+            tokenize_to_file(splits[name], self.text_column, self.tokenizer, documents,
+                             self.token_dir / f"{name}.bin", meta, self.num_proc)  # fmt: skip
+
+    def cached_splits(self, full: bool) -> list[str]:
+        """The splits ("train", maybe "val") of a finished tokenization in the cache, checked against their
+        sidecars (sizes; sha256 too when full); [] if there is none."""
+        meta = read_sidecar(self.token_dir / "train.bin")
+        if meta is None:
+            return []
+        splits = ["train", "val"] if meta.get("has_val") else ["train"]
+        for name in splits:
+            token_file = self.token_dir / f"{name}.bin"
+            check_token_file(token_file, read_sidecar(token_file) or {}, full)
+        return splits
 
     def setup(self, stage: str) -> None:
-        if self.train_tokens is None:
-            ids = np.array(self.tokenizer.encode(self.text), dtype=np.uint16 if self.vocab_size < 2**16 else np.uint32)
-            n = int(len(ids) * (1 - self.val_fraction))
-            self.train_tokens, self.val_tokens = ids[:n], ids[n:]
+        if self.train_tokens is not None:
+            return
+        if self.token_dir is None:
+            ids = np.array(self.tokenizer.encode(self.text), dtype=token_dtype(self.vocab_size))
+            n_train, _ = split_sizes(len(ids), self.val_fraction, self.val_max_tokens)
+            self.train_tokens, self.val_tokens = ids[:n_train], ids[n_train:]
+            return
+        splits = self.cached_splits(full=False)
+        if not splits:
+            raise UsageError(f"no tokenized corpus in {self.token_dir}: run prepare_data() before setup()")
+        ids = open_tokens(self.token_dir / "train.bin")
+        if "val" in splits:
+            self.train_tokens, self.val_tokens = ids, open_tokens(self.token_dir / "val.bin")[: self.val_max_tokens]
+        else:
+            n_train, _ = split_sizes(len(ids), self.val_fraction, self.val_max_tokens)
+            self.train_tokens, self.val_tokens = ids[:n_train], ids[n_train:]
+        check_enough(len(self.train_tokens), len(self.val_tokens), self.block_size, self.source)
 
     def _loader(self, dataset: IndexedBatches) -> DataLoader:
         return DataLoader(
@@ -241,8 +321,9 @@ class TextDataModule(L.LightningDataModule):
         return {"tokenizer": self.tokenizer.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if tokenizer_from_state(state_dict["tokenizer"]).state_dict() != self.tokenizer.state_dict():
+        saved = state_dict["tokenizer"]
+        if tokenizer_from_state(saved).state_dict() != self.tokenizer.state_dict():
             raise UsageError(
-                "the checkpoint was trained with another tokenizer/vocabulary than this run's data: "
-                "resume with the same --data settings as the run that wrote it"
+                f"the checkpoint was trained with another tokenizer/vocabulary ({saved['name']}) than this run's "
+                f"data ({self.tokenizer.name}): resume with the same --data settings as the run that wrote it"
             )

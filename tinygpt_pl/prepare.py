@@ -1,0 +1,130 @@
+"""Tokenize a corpus once into a cache: one flat token file per split, plus a JSON sidecar that describes it.
+
+The token file holds the ids end to end (uint16 when the vocabulary fits, else uint32); the sidecar records
+the source, the tokenizer, the token count, the dtype and the file's sha256. Both are written under a temporary
+name and renamed when complete, sidecar last, so an interrupted prepare leaves no sidecar and is done again.
+Tokens are streamed from the tokenized Arrow table to the file batch by batch: memory does not grow with the
+corpus.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+import datasets
+import numpy as np
+from datasets import Dataset
+
+from tinygpt_pl.errors import UsageError
+from tinygpt_pl.tokenizer import Tokenizer
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (half the disk and page cache), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def write_tokens(f: BinaryIO, ids: np.ndarray, dtype: np.dtype) -> None:
+    """Append ids to the token file as dtype, refusing ids that the dtype cannot hold."""
+    if len(ids) and ids.max() > np.iinfo(dtype).max:
+        raise UsageError(
+            f"the corpus has token id {int(ids.max())}, more than {dtype.name} holds: the tokenizer gives ids beyond "
+            "its vocab_size; use another --data.tokenizer"
+        )
+    f.write(ids.astype(dtype, copy=False).tobytes())
+
+
+def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, documents: bool, out: Path,
+                     meta: dict, num_proc: int) -> None:  # fmt: skip
+    """Tokenize dataset[text_column] into the token file `out` (and its sidecar out.json).
+
+    documents: rows are documents, each followed by the end-of-text token; else rows are pieces of one text.
+    """
+    eot = [tokenizer.eot_id] if documents and tokenizer.eot_id is not None else []
+
+    def encode(batch: dict) -> dict:
+        return {"ids": [ids + eot for ids in tokenizer.encode_batch(batch[text_column])]}
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))  # the Arrow shards of the map, then gone
+    try:
+        tokenized = dataset.map(
+            encode,
+            batched=True,
+            num_proc=min(num_proc, len(dataset)) if num_proc > 1 else None,
+            remove_columns=dataset.column_names,
+            features=datasets.Features({"ids": datasets.List(datasets.Value("uint32"))}),
+            cache_file_name=str(work / "ids.arrow"),
+            new_fingerprint=f"{out.parent.name}-{out.name}",  # not a hash of the tokenizer object: slow, useless
+            desc=f"tokenizing {out.stem}",
+        )
+        part = work / out.name
+        with open(part, "wb") as f:
+            for table in tokenized.with_format("arrow").iter(batch_size=10_000):
+                write_tokens(f, table.column("ids").combine_chunks().flatten().to_numpy(), dtype)
+        count = part.stat().st_size // dtype.itemsize
+        if count == 0:
+            raise UsageError(f"{meta['source']} has no text to train on: pass a corpus with text in it")
+        os.replace(part, out)
+        sidecar = {**meta, "tokens": count, "dtype": dtype.name, "sha256": sha256_of(out)}
+        (work / "meta.json").write_text(json.dumps(sidecar, indent=1))
+        os.replace(work / "meta.json", sidecar_path(out))  # last: the token file is complete
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def sidecar_path(token_file: Path) -> Path:
+    return token_file.with_suffix(".json")
+
+
+def read_sidecar(token_file: Path) -> dict | None:
+    """The sidecar of a finished token file, or None if there is none (never prepared, or interrupted)."""
+    try:
+        return json.loads(sidecar_path(token_file).read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        raise damaged(token_file, "its sidecar is not valid JSON") from None
+
+
+def damaged(token_file: Path, why: str) -> UsageError:
+    return UsageError(
+        f"the token cache {token_file} is damaged ({why}): delete the folder {token_file.parent} "
+        "to tokenize the corpus again"
+    )
+
+
+def check_token_file(token_file: Path, meta: dict, full: bool) -> None:
+    """Raise if the token file does not match its sidecar: its size always, its sha256 too when full."""
+    try:
+        expected = int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize
+        sha256 = meta["sha256"]
+    except (KeyError, TypeError, ValueError):
+        raise damaged(token_file, "its sidecar lacks tokens, dtype or sha256") from None
+    if not token_file.is_file():
+        raise damaged(token_file, "the token file is missing")
+    if token_file.stat().st_size != expected:
+        raise damaged(token_file, f"{token_file.stat().st_size} bytes, the sidecar says {expected}")
+    if full and sha256_of(token_file) != sha256:
+        raise damaged(token_file, "its content does not match the sha256 in its sidecar")
+
+
+def open_tokens(token_file: Path) -> np.memmap:
+    """The token file, memory-mapped read-only, after checking that it is the size its sidecar says."""
+    meta = read_sidecar(token_file)
+    if meta is None:
+        raise damaged(token_file, "its sidecar is missing")
+    check_token_file(token_file, meta, full=False)
+    return np.memmap(token_file, dtype=meta["dtype"], mode="r")
