@@ -22,7 +22,7 @@ def sample(
 
     Args:
         ckpt_path: a .ckpt written by train.py (it holds the model and its tokenizer).
-        prompt: the text to continue; only characters the model was trained on.
+        prompt: the text to continue (with the char tokenizer, only characters the model was trained on).
         max_new_tokens: tokens to generate per sample.
         temperature: < 1 sharpens the distribution, > 1 flattens it.
         top_k: sample only among the k most likely tokens (None: all).
@@ -39,7 +39,8 @@ def sample(
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for i in range(num_samples):
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                             vocab_limit=tokenizer.vocab_size, generator=generator)  # fmt: skip
         print(tokenizer.decode(out[0].tolist()))
         if i < num_samples - 1:
             print("---------------")

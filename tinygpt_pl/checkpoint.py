@@ -8,10 +8,10 @@ import torch
 from tinygpt_pl.data import TextDataModule
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.model import GPT, GPTConfig
-from tinygpt_pl.tokenizer import CharTokenizer, tokenizer_from_state
+from tinygpt_pl.tokenizer import Tokenizer, tokenizer_from_state
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """The GPT (in eval mode) and the tokenizer that a training checkpoint holds.
 
     Loads with weights_only=True: tensors and plain containers only, so a checkpoint cannot run code.

@@ -90,10 +90,12 @@ class GPTModule(L.LightningModule):
             return
         if not isinstance(self.logger, TensorBoardLogger):
             return
+        tokenizer = datamodule.tokenizer
         generator = torch.Generator(device=self.device).manual_seed(0)
-        idx = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        out = self.model.generate(idx, self.hparams.sample_tokens, top_k=200, generator=generator)
-        text = datamodule.tokenizer.decode(out[0].tolist())
+        idx = torch.full((1, 1), tokenizer.eot_id or 0, dtype=torch.long, device=self.device)  # a document's start
+        out = self.model.generate(idx, self.hparams.sample_tokens, top_k=200, vocab_limit=tokenizer.vocab_size,
+                                  generator=generator)  # fmt: skip
+        text = tokenizer.decode(out[0].tolist())
         self.logger.experiment.add_text("sample", f"```\n{text}\n```", self.global_step)
 
     def configure_optimizers(self) -> dict:
@@ -118,6 +120,10 @@ class GPTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
+            # Lightning restores the data after the model: check the tokenizer first, it explains a vocab_size change
+            datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
         saved = checkpoint.get("hyper_parameters", {})
         diff = [f"{k}={saved[k]} (this run: {self.hparams[k]})" for k in SHAPE_KEYS if saved.get(k) != self.hparams[k]]
         if diff:
