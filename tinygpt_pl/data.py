@@ -166,6 +166,8 @@ class TextDataModule(L.LightningDataModule):
         path: a UTF-8 text file; by default the lecture's tiny Shakespeare, downloaded into the cache.
         block_size: tokens per training example (the model's context length).
         batch_size: sequences per micro-batch on each device.
+        global_batch_size: sequences per optimizer step over all devices; the CLI derives the gradient accumulation
+            from it and the device count (None: devices x batch_size x trainer.accumulate_grad_batches).
         val_fraction: the share of the corpus, from its end, held out for validation.
         seed: fixes which blocks every training step sees.
         num_workers: DataLoader worker processes per device.
@@ -177,6 +179,7 @@ class TextDataModule(L.LightningDataModule):
         path: str | None = None,
         block_size: int = 256,
         batch_size: int = 64,
+        global_batch_size: int | None = None,
         val_fraction: float = 0.1,
         seed: int = 1337,
         num_workers: int = 0,
@@ -188,6 +191,7 @@ class TextDataModule(L.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise UsageError(f"val_fraction must be between 0 and 1, got {val_fraction}")
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
+        self.global_batch_size = global_batch_size
         self.seed, self.num_workers = seed, num_workers
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.path = Path(path).expanduser() if path else fetch_tiny_shakespeare(cache)
