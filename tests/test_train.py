@@ -7,6 +7,7 @@ import torch
 from conftest import run_script, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tinygpt_pl.cli import TrainCLI
 from tinygpt_pl.module import cosine_lr
 
 
@@ -68,3 +69,10 @@ def test_print_config_shows_resolved_values(corpus):
                         "--print_config")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "n_layer: 4" in result.stdout and "block_size: 256" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "data_seed"), [(["--seed_everything", "5"], 5), (["--data.seed", "7"], 7)])
+def test_seed_everything_fixes_the_data_order_too(tmp_path, corpus, args, data_seed):
+    cli = TrainCLI(["--config", "configs/debug.yaml", "--data.path", str(corpus),
+                    "--trainer.default_root_dir", str(tmp_path), *args])  # fmt: skip
+    assert cli.datamodule.seed == data_seed

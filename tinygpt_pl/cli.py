@@ -2,24 +2,112 @@
 
 Every constructor argument is a flag (`--model.n_layer 4`, `--data.batch_size 32`, `--trainer.max_steps 100`),
 ModelCheckpoint is the `checkpoint` group, and `--ckpt_path last` resumes the run in `--trainer.default_root_dir`.
+
+Scale comes from the trainer flags: `--trainer.devices 8` runs DDP over 8 GPUs, `--trainer.num_nodes N` over N such
+nodes, `--trainer.strategy fsdp` shards each transformer Block. `--data.global_batch_size` keeps the optimizer's batch
+(and so the learning-rate schedule) the same on any number of devices by deriving the gradient accumulation.
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
-from tinygpt_pl.data import TextDataModule
+from tinygpt_pl.data import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import UsageError, exit_on_bad_input
+from tinygpt_pl.model import Block
 from tinygpt_pl.module import GPTModule
+from tinygpt_pl.throughput import ThroughputMonitor
 
 
-def default_precision(accelerator: str | None) -> str:
+@dataclass(frozen=True)
+class Machine:
+    """What this machine offers, so that a run asking for more is refused before any work is done."""
+
+    gpus: int
+    cpus: int
+    gpu_bf16: bool
+
+    @classmethod
+    def this(cls) -> "Machine":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return cls(gpus=gpus, cpus=len(os.sched_getaffinity(0)), gpu_bf16=gpus > 0 and torch.cuda.is_bf16_supported())
+
+
+def uses_gpu(accelerator: str | None, machine: Machine) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and machine.gpus > 0)
+
+
+def default_precision(accelerator: str | None, machine: Machine) -> str:
     """bf16 mixed precision where the GPU supports it, full fp32 elsewhere."""
-    on_gpu = accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if uses_gpu(accelerator, machine) and machine.gpu_bf16 else "32-true"
+
+
+def count_devices(accelerator: str | None, devices: int | str | list[int], machine: Machine) -> int:
+    """The number of devices (processes) per node that Lightning will use, checked against what the machine has."""
+    gpu = uses_gpu(accelerator, machine)
+    kind, available = ("GPU", machine.gpus) if gpu else ("CPU core", machine.cpus)
+    if gpu and machine.gpus == 0:
+        raise UsageError(
+            f"--trainer.accelerator {accelerator}: this machine has no CUDA GPU: "
+            "train on a GPU machine, or pass --trainer.accelerator cpu"
+        )
+    if isinstance(devices, str) and "," in devices:
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    if isinstance(devices, list):
+        count = len(devices)
+    elif str(devices).strip() in ("auto", "-1"):
+        count = available if gpu else 1  # Lightning's "auto" is every GPU, or one CPU process
+    else:
+        count = int(devices)
+    if count > available:
+        raise UsageError(
+            f"--trainer.devices {devices}: this machine has only {available} {kind}{'s' * (available != 1)}: "
+            f"pass --trainer.devices {available} or fewer (with --trainer.num_nodes for more machines)"
+        )
+    return count
+
+
+def check_precision(precision: str, gpu: bool, machine: Machine) -> None:
+    if gpu and "bf16" in precision and not machine.gpu_bf16:
+        raise UsageError(
+            f"--trainer.precision {precision}: this GPU has no bfloat16 support (it needs Ampere or newer): "
+            "pass --trainer.precision 16-mixed or 32-true"
+        )
+
+
+def check_strategy(strategy: str, gpu: bool) -> None:
+    if isinstance(strategy, str) and strategy.startswith("fsdp") and not gpu:
+        raise UsageError(
+            f"--trainer.strategy {strategy} needs CUDA GPUs: Lightning 2.6 wraps FSDP only on a CUDA accelerator "
+            "(on CPU it gives torch's FSDP no device, and its full-state checkpoint offload crashes on CPU tensors): "
+            "pass --trainer.strategy ddp to train on CPUs"
+        )
+
+
+def accumulation(global_batch_size: int | None, world_size: int, batch_size: int, accumulate: int) -> int:
+    """Micro-batches per optimizer step, so that world_size x batch_size x it = global_batch_size."""
+    if global_batch_size is None:
+        return accumulate
+    per_micro_step = world_size * batch_size
+    if global_batch_size < 1 or global_batch_size % per_micro_step:
+        raise UsageError(
+            f"--data.global_batch_size {global_batch_size} is not a multiple of devices x nodes x batch_size = "
+            f"{per_micro_step}: choose a global batch that is, or another --data.batch_size"
+        )
+    derived = global_batch_size // per_micro_step
+    if accumulate not in (1, derived):
+        raise UsageError(
+            f"--trainer.accumulate_grad_batches {accumulate} contradicts --data.global_batch_size {global_batch_size} "
+            f"(which needs {derived} on {world_size} devices): set only one of them"
+        )
+    return derived
 
 
 class TrainCLI(LightningCLI):
@@ -27,11 +115,12 @@ class TrainCLI(LightningCLI):
         super().__init__(
             GPTModule,
             TextDataModule,
-            seed_everything_default=1337,
+            seed_everything_default=DEFAULT_SEED,
             auto_configure_optimizers=False,
             run=False,
             args=args,
             parser_kwargs={"exit_on_error": False},  # bad options become one line (exit_on_bad_input)
+            trainer_defaults={"callbacks": [ThroughputMonitor()]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -62,9 +151,33 @@ class TrainCLI(LightningCLI):
             config.checkpoint.dirpath = str(root / "checkpoints")
         if config.data.seed is None:
             config.data.seed = config.seed_everything
-        if config.trainer.precision is None:
-            config.trainer.precision = default_precision(config.trainer.accelerator)
+        trainer, machine = config.trainer, Machine.this()
+        gpu = uses_gpu(trainer.accelerator, machine)
+        devices = count_devices(trainer.accelerator, trainer.devices, machine)
+        if trainer.precision is None:
+            trainer.precision = default_precision(trainer.accelerator, machine)
+        check_precision(str(trainer.precision), gpu, machine)
+        check_strategy(trainer.strategy, gpu)
+        world_size = devices * trainer.num_nodes
+        self.accumulate = accumulation(
+            config.data.global_batch_size, world_size, config.data.batch_size, trainer.accumulate_grad_batches
+        )
+        rank_zero_info(
+            f"global batch: {world_size * config.data.batch_size * self.accumulate} sequences "
+            f"= {world_size} devices x {config.data.batch_size} x {self.accumulate} accumulated"
+        )
         config.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(config.checkpoint.dirpath))
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The Trainer with the derived accumulation (passed here, so the saved config.yaml keeps what was asked)."""
+        kwargs["accumulate_grad_batches"] = self.accumulate
+        val_check_interval = self.config.trainer.val_check_interval
+        if isinstance(val_check_interval, int):  # Lightning counts micro-batches here; the config means steps
+            kwargs["val_check_interval"] = val_check_interval * self.accumulate
+        if self.config.trainer.strategy == "fsdp":
+            # each Block its own FSDP unit; one consolidated checkpoint file that loads without FSDP (sample.py)
+            kwargs["strategy"] = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")
+        return super().instantiate_trainer(**kwargs)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:

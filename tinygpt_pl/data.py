@@ -26,6 +26,7 @@ from tinygpt_pl.prepare import check_token_file, open_tokens, read_sidecar, sha2
 from tinygpt_pl.sources import load_hub, load_local, local_files, source_key
 from tinygpt_pl.tokenizer import CharTokenizer, get_tokenizer, padded_vocab_size, tokenizer_from_state
 
+DEFAULT_SEED = 1337
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
@@ -181,8 +182,10 @@ class TextDataModule(L.LightningDataModule):
             Default: the lecture's tiny Shakespeare, downloaded into the cache.
         block_size: tokens per training example (the model's context length).
         batch_size: sequences per micro-batch on each device.
+        global_batch_size: sequences per optimizer step over all devices; the CLI derives the gradient accumulation
+            from it and the device count (None: devices x batch_size x trainer.accumulate_grad_batches).
         val_fraction: the share of the corpus, from its end, held out for validation.
-        seed: fixes which blocks every training step sees.
+        seed: fixes which blocks every training step sees; default the run's --seed_everything (else 1337).
         num_workers: DataLoader worker processes per device.
         cache_dir: where downloads and token files go; default $TINYGPT_PL_CACHE or ~/.cache/tinygpt_pl.
         tokenizer: char, gpt2, r50k_base, cl100k_base or o200k_base.
@@ -197,8 +200,9 @@ class TextDataModule(L.LightningDataModule):
         path: str | None = None,
         block_size: int = 256,
         batch_size: int = 64,
+        global_batch_size: int | None = None,
         val_fraction: float = 0.1,
-        seed: int = 1337,
+        seed: int | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
         tokenizer: str = "char",
@@ -219,7 +223,9 @@ class TextDataModule(L.LightningDataModule):
         if path and hf_path:
             raise UsageError("both --data.path and --data.hf_path are set: pass local files or a hub dataset")
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
-        self.seed, self.num_workers, self.val_max_tokens = seed, num_workers, val_max_tokens
+        self.global_batch_size = global_batch_size
+        self.seed = DEFAULT_SEED if seed is None else seed
+        self.num_workers, self.val_max_tokens = num_workers, val_max_tokens
         self.text_column, self.hf_path, self.hf_name, self.split = text_column, hf_path, hf_name, split
         self.num_proc = num_proc or os.cpu_count() or 1
         self.cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()

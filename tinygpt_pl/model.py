@@ -117,6 +117,12 @@ class GPT(nn.Module):
         """Number of parameters, counting the tied embedding / LM head matrix once."""
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, forward and backward: 6 per parameter (2 forward, 4 backward) for the matmuls,
+        plus 12 * n_layer * n_embd * block_size for attention's scores and weighted sums (PaLM, appendix B; nanoGPT)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

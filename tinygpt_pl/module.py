@@ -6,6 +6,7 @@ from dataclasses import fields
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
 from tinygpt_pl.errors import UsageError
@@ -35,6 +36,10 @@ class GPTModule(L.LightningModule):
         weight_decay: applied to 2-D weights (matmuls, embeddings) only, not to biases and LayerNorms.
         betas: AdamW's betas.
         sample_tokens: length of the text sample logged to TensorBoard at each validation (0: none).
+        compile: torch.compile the GPT (in place, so checkpoint keys stay those of the plain model).
+
+    Nothing in a training step waits for the GPU: train/loss, lr and grad_norm are logged only on the steps that log
+    (every trainer.log_every_n_steps), and train/loss is then the mean over the whole global batch.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class GPTModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
         sample_tokens: int = 200,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -61,14 +67,37 @@ class GPTModule(L.LightningModule):
             self.model = GPT(config)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if compile:
+            self.model.compile()  # compiles the module's call, not a wrapper: no "_orig_mod." in its state_dict
         self.val_loss = MeanMetric()
+        self.step_losses: list[torch.Tensor] = []  # the micro-batch losses of a logging step, kept on the device
+
+    def logs_this_step(self) -> bool:
+        """Whether the optimizer step under way is one Lightning writes to the logger (the 0-based step s with
+        (s + 1) % log_every_n_steps == 0)."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        if self.logs_this_step():
+            self.step_losses.append(loss.detach())
+            if len(self.step_losses) == self.trainer.accumulate_grad_batches:
+                # mean over the micro-batches here and over the ranks by sync_dist: the loss of the global batch
+                self.log("train/loss", torch.stack(self.step_losses).mean(), sync_dist=True)
+                self.log("lr", self.lr_schedulers().get_last_lr()[0])
+                self.step_losses.clear()
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradient norm of the whole model (before clipping), on the steps that log."""
+        if not self.logs_this_step():
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
+            norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        self.log("grad_norm", norm)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -131,3 +160,9 @@ class GPTModule(L.LightningModule):
                 f"the checkpoint holds a model of another shape: {', '.join(diff)}: "
                 "resume with the model settings it was trained with (its config.yaml)"
             )
+        # A resumed run's train loader starts at the saved step (data.py), so Lightning must count this epoch's
+        # micro-batches from 0 as well: else it takes those done before the save (perhaps with another accumulation)
+        # as already fetched from the new loader, ends the epoch early and steps the optimizer mid-accumulation.
+        if "loops" in checkpoint:
+            current = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+            current.update(dict.fromkeys(current, 0))

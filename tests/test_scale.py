@@ -1,0 +1,163 @@
+"""Scale: DDP across processes equals one process with the same global batch, the global batch sets the gradient
+accumulation, compiled and plain checkpoints load into each other, throughput reaches TensorBoard, and runs the
+machine cannot do are refused in one line."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train
+from test_bad_input import assert_one_error_line
+from test_train import events
+
+from tinygpt_pl.checkpoint import load_checkpoint
+from tinygpt_pl.cli import Machine, accumulation, check_precision, count_devices
+from tinygpt_pl.module import GPTModule
+
+# train/loss at every step, a validation every 2 steps (at indices 1, 3, 5, 7), one schedule for 8 steps
+EVERY_STEP = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2", "--model.lr_decay_steps", "8",
+              "--model.sample_tokens", "0", "--data.global_batch_size", "16"]  # fmt: skip
+DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """The first 60k characters of tiny Shakespeare: a val split that validates in a blink."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(corpus.read_text()[:60_000])
+    return path
+
+
+def scalars(root: Path, tag: str, version: int = 0) -> dict[int, float]:
+    return {e.step: e.value for e in events(root, version).Scalars(tag)}
+
+
+def assert_close(a: dict[int, float], b: dict[int, float]) -> None:
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5), step
+
+
+def test_ddp_on_two_processes_equals_one_process_and_resumes_in_one(tmp_path: Path, small_corpus: Path) -> None:
+    one = train(tmp_path / "one", small_corpus, *EVERY_STEP, "--trainer.max_steps", "8")
+    assert one.returncode == 0, one.stderr
+    assert "global batch: 16 sequences = 1 devices x 8 x 2 accumulated" in one.stderr
+    two = train(tmp_path / "two", small_corpus, *EVERY_STEP, *DDP, "--trainer.max_steps", "6")
+    assert two.returncode == 0, two.stderr
+    assert "global batch: 16 sequences = 2 devices x 8 x 1 accumulated" in two.stderr
+
+    one_loss, two_loss = scalars(tmp_path / "one", "train/loss"), scalars(tmp_path / "two", "train/loss")
+    assert sorted(two_loss) == list(range(6))
+    assert_close(two_loss, {s: v for s, v in one_loss.items() if s < 6})
+    # validation after the same optimizer steps (the accumulation does not move it), with the same loss
+    one_val, two_val = scalars(tmp_path / "one", "val/loss"), scalars(tmp_path / "two", "val/loss")
+    assert sorted(two_val) == [1, 3, 5] and sorted(one_val) == [1, 3, 5, 7]
+    assert_close(two_val, {s: v for s, v in one_val.items() if s < 6})
+
+    resumed = train(tmp_path / "two", small_corpus, *EVERY_STEP, "--trainer.max_steps", "8", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr
+    # the two remaining steps train as in the uninterrupted run (their logged step index is not checked here)
+    resumed_loss = list(scalars(tmp_path / "two", "train/loss", version=1).values())
+    assert resumed_loss == pytest.approx([one_loss[6], one_loss[7]], abs=1e-5)
+
+
+def test_val_loss_is_the_same_on_any_number_of_processes(tmp_path: Path, small_corpus: Path) -> None:
+    """Validation alone (no training step): the same weights give the same val/loss on 1 and 2 processes."""
+    no_training = ["--trainer.max_steps", "1", "--model.learning_rate", "1e-30", "--model.min_lr", "1e-30",
+                   "--trainer.val_check_interval", "1", "--model.sample_tokens", "0"]  # fmt: skip
+    one = train(tmp_path / "one", small_corpus, *no_training)
+    two = train(tmp_path / "two", small_corpus, *no_training, *DDP)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert scalars(tmp_path / "one", "val/loss")[0] == pytest.approx(scalars(tmp_path / "two", "val/loss")[0], rel=1e-6)
+
+
+def test_compiled_and_plain_checkpoints_resume_into_each_other(tmp_path: Path, small_corpus: Path) -> None:
+    """An uncompiled run resumed compiled, then that checkpoint resumed uncompiled, ends where the same resumes
+    without compiling end; no checkpoint holds torch.compile's "_orig_mod." keys."""
+    quick = ["--model.sample_tokens", "0", "--trainer.val_check_interval", "2", "--model.lr_decay_steps", "6"]
+    for name, compiled in (("plain", "false"), ("compiled", "true")):
+        root = tmp_path / name
+        for max_steps, flags in (("2", []), ("4", ["--ckpt_path", "last", "--model.compile", compiled]),
+                                 ("6", ["--ckpt_path", "last"])):  # fmt: skip
+            result = train(root, small_corpus, *quick, "--trainer.max_steps", max_steps, *flags)
+            assert result.returncode == 0, result.stderr
+            ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+            assert ckpt["global_step"] == int(max_steps)
+            assert ckpt["hyper_parameters"]["compile"] is (max_steps == "4" and compiled == "true")
+            assert not any("_orig_mod" in key for key in ckpt["state_dict"])
+
+    plain = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)
+    compiled = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True)
+    for key, value in plain["state_dict"].items():
+        torch.testing.assert_close(compiled["state_dict"][key], value, rtol=0, atol=1e-4)
+    load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.ckpt")  # into a plain GPT, strictly
+
+
+def test_compile_switch_compiles_the_model_in_place() -> None:
+    shape = dict(n_layer=1, n_head=2, n_embd=16, block_size=8)
+    plain, compiled = GPTModule(**shape), GPTModule(**shape, compile=True)
+    assert plain.model._compiled_call_impl is None and compiled.model._compiled_call_impl is not None
+    assert plain.state_dict().keys() == compiled.state_dict().keys()
+
+
+def test_throughput_and_grad_norm_in_tensorboard(debug_run: Path) -> None:
+    """Logged every log_every_n_steps (5) steps only, at the same step indices as train/loss."""
+    tokens = scalars(debug_run, "throughput/tokens_per_sec")
+    assert sorted(tokens) == sorted(scalars(debug_run, "train/loss")) == [4, 9, 14, 19]
+    assert sorted(scalars(debug_run, "grad_norm")) == [4, 9, 14, 19]
+    assert tokens == scalars(debug_run, "throughput/device/tokens_per_sec")  # one device: all = device
+    flops = scalars(debug_run, "throughput/device/flops_per_sec")
+    model, _ = load_checkpoint(debug_run / "checkpoints" / "last.ckpt")
+    for step, value in tokens.items():
+        assert value > 0 and flops[step] / value == pytest.approx(model.flops_per_token(), rel=1e-5)
+    assert "throughput/device/mfu" not in events(debug_run).Tags()["scalars"]  # no FLOP/s peak known for CPUs
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "world_size", "batch_size", "accumulate", "expected"),
+    [(None, 8, 4, 3, 3), (512, 8, 16, 1, 4), (512, 1, 16, 1, 32), (512, 16, 32, 1, 1), (64, 2, 8, 4, 4)],
+)
+def test_accumulation_comes_from_the_global_batch(global_batch, world_size, batch_size, accumulate, expected) -> None:
+    assert accumulation(global_batch, world_size, batch_size, accumulate) == expected
+
+
+GPU_NODE = Machine(gpus=8, cpus=64, gpu_bf16=True)
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "devices", "expected"),
+    [("auto", "auto", 8), ("gpu", -1, 8), ("cuda", "0,1,2", 3), ("gpu", [4, 5], 2), ("gpu", "8", 8), ("cpu", 4, 4)],
+)
+def test_device_count_as_lightning_reads_the_flag(accelerator, devices, expected) -> None:
+    assert count_devices(accelerator, devices, GPU_NODE) == expected
+
+
+def test_more_gpus_than_the_machine_has() -> None:
+    with pytest.raises(Exception, match="this machine has only 8 GPUs: pass --trainer.devices 8 or fewer"):
+        count_devices("gpu", 16, GPU_NODE)
+
+
+def test_bf16_on_a_gpu_without_it() -> None:
+    old_gpu = Machine(gpus=4, cpus=32, gpu_bf16=False)
+    with pytest.raises(Exception, match="no bfloat16 support .* pass --trainer.precision 16-mixed or 32-true"):
+        check_precision("bf16-mixed", gpu=True, machine=old_gpu)
+    check_precision("16-mixed", gpu=True, machine=old_gpu)
+    check_precision("bf16-true", gpu=False, machine=old_gpu)  # CPUs compute bf16 in software
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--trainer.accelerator", "gpu"], ["this machine has no CUDA GPU", "--trainer.accelerator cpu"]),
+        (["--trainer.devices", str(len(os.sched_getaffinity(0)) + 1)], ["this machine has only", "CPU core"]),
+        (["--trainer.strategy", "fsdp", *DDP[:2]], ["--trainer.strategy fsdp needs CUDA GPUs", "ddp"]),
+        (["--data.global_batch_size", "20"], ["--data.global_batch_size 20 is not a multiple of", "= 8"]),
+        (["--data.global_batch_size", "32", "--trainer.accumulate_grad_batches", "2"], ["set only one"]),
+    ],
+    ids=["no-gpu", "too-many-devices", "fsdp-on-cpu", "global-batch-not-divisible", "accumulation-contradicts"],
+)
+def test_runs_the_machine_cannot_do(tmp_path: Path, corpus: Path, args: list[str], fragments: list[str]) -> None:
+    result = train(tmp_path / "run", corpus, *args)
+    assert_one_error_line(result, *fragments)
+    assert not (tmp_path / "run").exists()  # refused before any work
