@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script, train
+from conftest import ROOT, run_script, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tinygpt_pl.cli import TrainCLI
@@ -73,6 +73,6 @@ def test_print_config_shows_resolved_values(corpus):
 
 @pytest.mark.parametrize(("args", "data_seed"), [(["--seed_everything", "5"], 5), (["--data.seed", "7"], 7)])
 def test_seed_everything_fixes_the_data_order_too(tmp_path, corpus, args, data_seed):
-    cli = TrainCLI(["--config", "configs/debug.yaml", "--data.path", str(corpus),
+    cli = TrainCLI(["--config", str(ROOT / "configs" / "debug.yaml"), "--data.path", str(corpus),
                     "--trainer.default_root_dir", str(tmp_path), *args])  # fmt: skip
     assert cli.datamodule.seed == data_seed
