@@ -28,6 +28,7 @@ DOCS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",
     "All:\nSpeak, speak.\n\n",
     "I'll say it's 3.14159 — naïve café, こんにちは 🤖 <|endoftext|> is plain text here.",
+    "",  # an empty document still ends with end-of-text
 ] * 40
 
 
