@@ -8,6 +8,8 @@ import torch
 from conftest import ROOT, run_script, train
 from test_bad_input import assert_one_error_line, digests
 
+from tinygpt_pl.cli import TrainCLI
+
 GPT2_DEBUG = ["--data.tokenizer", "gpt2", "--data.num_proc", "1", "--model.sample_tokens", "5"]
 
 
@@ -103,3 +105,18 @@ def test_hub_dataset_that_cannot_be_reached(tmp_path, corpus, monkeypatch):
                         "no-such-user/no-such-dataset", "--trainer.default_root_dir", str(tmp_path / "run"),
                         "--data.cache_dir", str(tmp_path / "cache"))  # fmt: skip
     assert_one_error_line(result, "could not load the hub dataset no-such-user/no-such-dataset", "--data.hf_path")
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_fineweb_config_steps_half_a_million_tokens_on_any_device_count(tmp_path, devices):
+    cli = TrainCLI(["--config", str(ROOT / "configs" / "gpt2_124m_fineweb.yaml"), "--trainer.accelerator", "cpu",
+                    "--trainer.devices", str(devices), "--trainer.default_root_dir", str(tmp_path),
+                    "--data.cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    trainer, hp, dm = cli.trainer, cli.model.hparams, cli.datamodule
+    accumulate = trainer.accumulate_grad_batches
+    assert devices * dm.batch_size * accumulate * dm.block_size == 524_288 and accumulate == 32 // devices
+    assert trainer.val_check_interval == 250 * accumulate  # every 250 optimizer steps
+    assert (hp.learning_rate, hp.min_lr, hp.warmup_steps, hp.weight_decay) == (6e-4, 6e-5, 700, 0.1)
+    assert tuple(hp.betas) == (0.9, 0.95) and hp.vocab_size == 50304 and hp.block_size == 1024
+    assert (dm.hf_path, dm.hf_name, dm.tokenizer.name) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "gpt2")
+    assert not (tmp_path / "cache").exists()  # nothing downloaded or tokenized before prepare_data

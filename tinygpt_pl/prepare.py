@@ -8,6 +8,7 @@ corpus.
 """
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import BinaryIO
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset
 
 from tinygpt_pl.errors import UsageError
@@ -52,15 +54,24 @@ def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, d
 
     documents: rows are documents, each followed by the end-of-text token; else rows are pieces of one text.
     """
-    eot = [tokenizer.eot_id] if documents and tokenizer.eot_id is not None else []
+    eot = tokenizer.eot_id if documents else None
 
-    def encode(batch: dict) -> dict:
-        return {"ids": [ids + eot for ids in tokenizer.encode_batch(batch[text_column])]}
+    def encode(batch: pa.Table) -> pa.Table:
+        """The batch's ids as one Arrow list column, built from a flat numpy array: far faster than letting
+        pyarrow convert a Python list per document."""
+        ids = tokenizer.encode_batch(batch.column(text_column).to_pylist())
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.uint32, lengths.sum())
+        if eot is not None:
+            flat = np.insert(flat, np.cumsum(lengths), eot)
+            lengths += 1
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
+        return pa.table({"ids": pa.ListArray.from_arrays(offsets, pa.array(flat, pa.uint32()))})
 
     dtype = token_dtype(tokenizer.vocab_size)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))  # the Arrow shards of the map, then gone
     try:
-        tokenized = dataset.map(
+        tokenized = dataset.with_format("arrow").map(
             encode,
             batched=True,
             num_proc=min(num_proc, len(dataset)) if num_proc > 1 else None,
