@@ -2,7 +2,8 @@
 
 Both run as subprocesses of this script, alternating, so both pay the same interpreter start-up; the wall time
 of each is the whole subprocess. The plain loop (`--plain`) reads the same YAML config and reuses the package's
-GPT, batches, schedule and validation blocks; only the training loop itself is written out by hand.
+GPT, batches, schedule and validation blocks; only the training loop itself is written out by hand, with what
+nanoGPT's loop does besides training (a logged loss every log_every_n_steps, a checkpoint at every validation).
 
     python benchmarks/cpu_recipe.py --data-path /path/to/tinyshakespeare.txt [--repeats 3]
 """
@@ -25,8 +26,9 @@ DEFAULT_CONFIG = REPO / "configs" / "shakespeare_char_cpu.yaml"
 DEFAULT_RESULTS = REPO / "benchmarks" / "results.md"
 
 
-def plain_run(config_path: Path, data_path: str) -> None:
-    """Train the config's recipe with a plain PyTorch loop; print val/loss over the full val split as it goes."""
+def plain_run(config_path: Path, data_path: str, out_dir: Path) -> None:
+    """Train the config's recipe with a plain PyTorch loop, nanoGPT-style: print the train loss every
+    log_every_n_steps, and at every validation print val/loss over the full val split and save a checkpoint."""
     import torch
     import yaml
 
@@ -63,6 +65,8 @@ def plain_run(config_path: Path, data_path: str) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % trainer["log_every_n_steps"] == 0:
+            print(f"step {step + 1} train/loss {loss.item():.4f} lr {lr:.2e}", flush=True)
         if (step + 1) % val_every == 0:
             model.eval()
             total, count = 0.0, 0
@@ -74,6 +78,8 @@ def plain_run(config_path: Path, data_path: str) -> None:
                     total, count = total + loss.item() * n, count + n
             model.train()
             print(f"step {step + 1} val/loss {total / count:.6f}", flush=True)
+            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
+            torch.save(checkpoint, out_dir / "ckpt.pt")  # as nanoGPT's train.py does at every evaluation
 
 
 def run_timed(cmd: list[str], log: Path) -> float:
@@ -190,7 +196,8 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="run the plain PyTorch loop once (used internally)")
     args = parser.parse_args()
     if args.plain:
-        plain_run(args.config, args.data_path)
+        with tempfile.TemporaryDirectory(prefix="cpu_recipe-plain-") as out_dir:
+            plain_run(args.config, args.data_path, Path(out_dir))
     else:
         benchmark(args.config.resolve(), args.data_path, args.repeats, args.results)
 

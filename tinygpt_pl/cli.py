@@ -16,12 +16,11 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from tinygpt_pl.data import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import UsageError, exit_on_bad_input
-from tinygpt_pl.model import Block
+from tinygpt_pl.fsdp import fsdp_strategy
 from tinygpt_pl.module import GPTModule
 from tinygpt_pl.throughput import ThroughputMonitor
 
@@ -82,12 +81,11 @@ def check_precision(precision: str, gpu: bool, machine: Machine) -> None:
         )
 
 
-def check_strategy(strategy: str, gpu: bool) -> None:
-    if isinstance(strategy, str) and strategy.startswith("fsdp") and not gpu:
+def check_strategy(strategy: str) -> None:
+    if isinstance(strategy, str) and strategy.startswith(("ddp", "fsdp")) and not torch.distributed.is_available():
         raise UsageError(
-            f"--trainer.strategy {strategy} needs CUDA GPUs: Lightning 2.6 wraps FSDP only on a CUDA accelerator "
-            "(on CPU it gives torch's FSDP no device, and its full-state checkpoint offload crashes on CPU tensors): "
-            "pass --trainer.strategy ddp to train on CPUs"
+            f"--trainer.strategy {strategy}: this torch build has no torch.distributed (no DDP or FSDP): "
+            "install a torch build with distributed support, or train on one device"
         )
 
 
@@ -157,7 +155,8 @@ class TrainCLI(LightningCLI):
         if trainer.precision is None:
             trainer.precision = default_precision(trainer.accelerator, machine)
         check_precision(str(trainer.precision), gpu, machine)
-        check_strategy(trainer.strategy, gpu)
+        check_strategy(trainer.strategy)
+        self.gpu = gpu
         world_size = devices * trainer.num_nodes
         self.accumulate = accumulation(
             config.data.global_batch_size, world_size, config.data.batch_size, trainer.accumulate_grad_batches
@@ -175,8 +174,7 @@ class TrainCLI(LightningCLI):
         if isinstance(val_check_interval, int):  # Lightning counts micro-batches here; the config means steps
             kwargs["val_check_interval"] = val_check_interval * self.accumulate
         if self.config.trainer.strategy == "fsdp":
-            # each Block its own FSDP unit; one consolidated checkpoint file that loads without FSDP (sample.py)
-            kwargs["strategy"] = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")
+            kwargs["strategy"] = fsdp_strategy(self.gpu)
         return super().instantiate_trainer(**kwargs)
 
 

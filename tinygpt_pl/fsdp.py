@@ -1,0 +1,46 @@
+"""FSDP through Lightning: each transformer Block its own shard unit, checkpoints as one full state dict.
+
+On CUDA this is Lightning's FSDPStrategy as it is. On CPU processes (gloo: the tests, a GPU-less machine) torch's FSDP
+works too, but Lightning 2.6 cannot drive it there; CPUFSDPStrategy mends the two places where it goes wrong.
+"""
+
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+from tinygpt_pl.model import Block
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy on CPU processes.
+
+    1. Lightning wraps with device_id=root_device.index, which is None for a CPU, and torch's FSDP then looks for an
+       accelerator ("FSDP needs a non-CPU accelerator device"): here the model is wrapped with device_id=cpu.
+    2. Lightning takes the full state dict with offload_to_cpu=True, which for parameters already on the CPU clones
+       the unsharded buffer after FSDP has freed it (a segfault in torch 2.13): here it is taken without offloading.
+    (Lightning also refuses accelerator="cpu" for FSDPStrategy itself, by exact type: a subclass passes.)
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = FullyShardedDataParallel(
+            model,
+            device_id=self.root_device,
+            sharding_strategy=self.sharding_strategy,
+            mixed_precision=self.mixed_precision_config,
+            **self.kwargs,
+        )
+        del self.kwargs["auto_wrap_policy"]  # applied: Lightning would warn that an already wrapped model ignores it
+        return super()._setup_model(model)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+            return self.model.state_dict()
+
+
+def fsdp_strategy(gpu: bool) -> FSDPStrategy:
+    """FSDP over Blocks with one consolidated checkpoint file, which loads without FSDP (sample.py, a plain GPT)."""
+    strategy = FSDPStrategy if gpu else CPUFSDPStrategy
+    return strategy(auto_wrap_policy={Block}, state_dict_type="full")
