@@ -91,6 +91,13 @@ class GPTModule(L.LightningModule):
                 self.step_losses.clear()
         return loss
 
+    def on_train_batch_start(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """At a fit's first micro-batch, make Lightning log this optimizer step under its own index: a resumed run
+        restores Lightning's count of logged steps one short or one long, depending on where the checkpoint was
+        written (at a validation, at a step end) and on the accumulation."""
+        if batch_idx == 0:
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The gradient norm of the whole model (before clipping), on the steps that log."""
         if not self.logs_this_step():
@@ -184,9 +191,12 @@ class GPTModule(L.LightningModule):
                 f"the checkpoint holds a model of another shape: {', '.join(diff)}: "
                 "resume with the model settings it was trained with (its config.yaml)"
             )
-        # A resumed run's train loader starts at the saved step (data.py), so Lightning must count this epoch's
-        # micro-batches from 0 as well: else it takes those done before the save (perhaps with another accumulation)
-        # as already fetched from the new loader, ends the epoch early and steps the optimizer mid-accumulation.
+        # A resumed run's train loader starts at the saved optimizer step (data.py), perhaps with another accumulation
+        # (the same global batch on another device count). Lightning counts micro-batches, so recount those done in
+        # the new run's units, all of them finished: else it validates and saves at the wrong micro-batches and
+        # steps the optimizer mid-accumulation.
         if "loops" in checkpoint:
-            current = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
-            current.update(dict.fromkeys(current, 0))
+            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+            done = checkpoint["global_step"] * self.trainer.accumulate_grad_batches
+            progress["total"].update(dict.fromkeys(progress["total"], done))
+            progress["current"].update(dict.fromkeys(progress["current"], 0))
