@@ -15,7 +15,7 @@ import pytest
 import tiktoken.registry
 import torch
 
-from tinygpt_pl import data
+from tinygpt_pl import data, sources
 from tinygpt_pl.data import TextDataModule, TrainBatchMaker, ValBatchMaker
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.prepare import token_dtype, tokenize_to_file
@@ -68,12 +68,25 @@ def test_parquet_with_a_text_column(tmp_path):
     assert all_tokens(dm) == documents_tokens(DOCS)
 
 
-def test_txt_reads_as_running_text(tmp_path, corpus):
+def test_each_txt_file_is_a_document_read_as_written(tmp_path, corpus, monkeypatch):
+    """Line breaks kept (\r\n too), pieces cut at line ends, and one end-of-text token after each file."""
+    monkeypatch.setattr(sources, "PIECE_CHARS", 1000)  # many pieces per file
     text = corpus.read_text()[:30_000]
-    (tmp_path / "a.txt").write_text(text)
-    dm = prepared(tmp_path / "cache", path=str(tmp_path / "a.txt"))
-    assert GPT2.decode(all_tokens(dm)) == text  # line breaks kept, no end-of-text inside one text
-    assert EOT not in all_tokens(dm)
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text, newline="")
+    (folder / "b.txt").write_text("Windows\r\nline ends\r\n", newline="")
+    (folder / "c.txt").write_text("no line end at all")
+    tokens = all_tokens(prepared(tmp_path / "cache", path=str(folder)))
+    documents = GPT2.decode(tokens).split("<|endoftext|>")
+    assert documents == [text, "Windows\r\nline ends\r\n", "no line end at all", ""]
+    assert tokens.count(EOT) == 3 and tokens[-1] == EOT
+
+
+def test_a_txt_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe not utf-8\n")
+    with pytest.raises(UsageError, match=r"could not read .*bad.txt as text \(UnicodeDecodeError"):
+        prepared(tmp_path / "cache", path=str(tmp_path / "bad.txt"))
 
 
 def test_folder_and_glob_take_every_matching_file_in_order(tmp_path):
@@ -133,10 +146,9 @@ class FakeTokenizer:
     """Two ids per character, from `base` up: a stand-in for a vocabulary of vocab_size ids."""
 
     name = "fake"
-    eot_id = None
 
     def __init__(self, vocab_size: int, base: int) -> None:
-        self.vocab_size, self.base = vocab_size, base
+        self.vocab_size, self.base, self.eot_id = vocab_size, base, vocab_size - 1
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [[self.base + ord(c) % 100 for c in text for _ in range(2)] for text in texts]
@@ -151,16 +163,17 @@ def test_dtype_follows_the_vocabulary():
 def test_token_file_holds_ids_exactly(tmp_path, vocab_size, dtype):
     tok = FakeTokenizer(vocab_size, base=vocab_size - 100)
     out = tmp_path / "train.bin"
-    tokenize_to_file(datasets.Dataset.from_dict({"text": ["ab", "c"]}), "text", tok, True, out, {"source": "s"}, 1)
+    tokenize_to_file(datasets.Dataset.from_dict({"text": ["ab", "c"]}), "text", tok, out, {"source": "s"}, 1)
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["dtype"] == np.dtype(dtype).name and meta["tokens"] == 6
-    assert np.fromfile(out, dtype=dtype).tolist() == [b - 100 + vocab_size for b in [97, 97, 98, 98, 99, 99]]
+    assert meta["dtype"] == np.dtype(dtype).name and meta["tokens"] == 8
+    a, b, c = (vocab_size - 100 + i for i in (97, 98, 99))
+    assert np.fromfile(out, dtype=dtype).tolist() == [a, a, b, b, tok.eot_id, c, c, tok.eot_id]
 
 
 def test_ids_that_overflow_the_dtype_are_refused_and_leave_nothing(tmp_path):
     out = tmp_path / "train.bin"
     with pytest.raises(UsageError, match="token id 65536, more than uint16 holds"):
-        tokenize_to_file(datasets.Dataset.from_dict({"text": ["d"]}), "text", FakeTokenizer(1000, 2**16), True, out,
+        tokenize_to_file(datasets.Dataset.from_dict({"text": ["d"]}), "text", FakeTokenizer(1000, 2**16), out,
                          {"source": "s"}, 1)  # fmt: skip
     assert list(tmp_path.iterdir()) == []
 
@@ -226,8 +239,8 @@ def test_a_prepare_killed_mid_write_is_done_again_cleanly(tmp_path, corpus):
 
     dm = prepared(cache, path=str(corpus))
     assert dm.token_dir == token_dir
-    lines = corpus.read_text().splitlines(keepends=True)
-    assert all_tokens(dm) == [t for ids in GPT2.encode_batch(lines) for t in ids]
+    assert all_tokens(dm) == all_tokens(prepared(tmp_path / "clean", path=str(corpus)))
+    assert GPT2.decode(all_tokens(dm)) == corpus.read_text() + "<|endoftext|>"
 
 
 def test_sampler_on_the_memmap_matches_the_array_and_splits_across_ranks(tmp_path, corpus):

@@ -242,8 +242,8 @@ class TextDataModule(L.LightningDataModule):
         else:
             self.tokenizer = get_tokenizer(tokenizer)
             self.files = None if hf_path else local_files(path or str(fetch_tiny_shakespeare(self.cache)))
-            self.source, key = source_key(self.files, hf_path, hf_name, split, text_column)
-            self.token_dir = self.cache / "tokens" / f"{tokenizer}-{key}"
+            self.source, self.source_digest = source_key(self.files, hf_path, hf_name, split, text_column)
+            self.token_dir = self.cache / "tokens" / f"{tokenizer}-{self.source_digest}"
 
     @property
     def vocab_size(self) -> int:
@@ -260,13 +260,12 @@ class TextDataModule(L.LightningDataModule):
         if self.files is None:
             splits = load_hub(self.hf_path, self.hf_name, self.split, self.text_column)
         else:
-            splits = load_local(self.files, self.text_column, self.cache / "hf")
-        documents = self.files is None or self.files[0].suffix != ".txt"
+            splits = load_local(self.files, self.text_column, self.cache / "hf", self.source_digest)
         meta = {"source": self.source, "tokenizer": self.tokenizer.name, "has_val": "val" in splits}
         self.token_dir.mkdir(parents=True, exist_ok=True)
         for name in sorted(splits, reverse=True):  # train last: its sidecar marks the whole prepare finished
-            tokenize_to_file(splits[name], self.text_column, self.tokenizer, documents,
-                             self.token_dir / f"{name}.bin", meta, self.num_proc)  # fmt: skip
+            tokenize_to_file(splits[name], self.text_column, self.tokenizer, self.token_dir / f"{name}.bin", meta,
+                             self.num_proc)  # fmt: skip
 
     def cached_splits(self, full: bool) -> list[str]:
         """The splits ("train", maybe "val") of a finished tokenization in the cache, checked against their

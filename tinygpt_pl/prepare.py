@@ -22,6 +22,7 @@ import pyarrow as pa
 from datasets import Dataset
 
 from tinygpt_pl.errors import UsageError
+from tinygpt_pl.sources import DOCUMENT_END
 from tinygpt_pl.tokenizer import Tokenizer
 
 
@@ -48,13 +49,10 @@ def write_tokens(f: BinaryIO, ids: np.ndarray, dtype: np.dtype) -> None:
     f.write(ids.astype(dtype, copy=False).tobytes())
 
 
-def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, documents: bool, out: Path,
-                     meta: dict, num_proc: int) -> None:  # fmt: skip
-    """Tokenize dataset[text_column] into the token file `out` (and its sidecar out.json).
-
-    documents: rows are documents, each followed by the end-of-text token; else rows are pieces of one text.
-    """
-    eot = tokenizer.eot_id if documents else None
+def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, out: Path, meta: dict,
+                     num_proc: int) -> None:  # fmt: skip
+    """Tokenize dataset[text_column] into the token file `out` (and its sidecar out.json), each document followed
+    by the end-of-text token: every row is a document, unless a DOCUMENT_END column says which rows end one."""
 
     def encode(batch: pa.Table) -> pa.Table:
         """The batch's ids as one Arrow list column, built from a flat numpy array: far faster than letting
@@ -62,9 +60,11 @@ def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, d
         ids = tokenizer.encode_batch(batch.column(text_column).to_pylist())
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), np.uint32, lengths.sum())
-        if eot is not None:
-            flat = np.insert(flat, np.cumsum(lengths), eot)
-            lengths += 1
+        ends = np.ones(len(ids), bool)
+        if DOCUMENT_END in batch.column_names:
+            ends = batch.column(DOCUMENT_END).to_numpy(zero_copy_only=False)
+        flat = np.insert(flat, np.cumsum(lengths)[ends], tokenizer.eot_id)
+        lengths += ends
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
         return pa.table({"ids": pa.ListArray.from_arrays(offsets, pa.array(flat, pa.uint32()))})
 

@@ -1,13 +1,14 @@
 """Where the text comes from: local files or a hub dataset, read through HF `datasets`.
 
-A local source is a file, a folder or a glob of .txt, .jsonl/.json or .parquet files. .txt files are read as
-running text (line by line, line breaks kept); .jsonl/.json/.parquet rows and hub dataset rows are documents,
-which the tokenized corpus separates with the end-of-text token.
+A local source is a file, a folder or a glob of .txt, .jsonl/.json or .parquet files. Each .txt file is one document,
+read as written in pieces cut at line ends; .jsonl/.json/.parquet rows and hub dataset rows are documents. The
+tokenized corpus ends every document with the end-of-text token.
 """
 
 import glob
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -17,6 +18,8 @@ from tinygpt_pl.errors import UsageError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VALIDATION_SPLIT = "validation"
+DOCUMENT_END = "document_end"  # a column of .txt rows: whether the row is the last piece of its file
+PIECE_CHARS = 1 << 16  # .txt pieces: big enough for fast batched encoding, small enough to buffer 1000 of
 
 
 def local_files(path: str) -> list[Path]:
@@ -56,13 +59,29 @@ def source_key(files: list[Path] | None, hf_path: str | None, hf_name: str | Non
     return described, digest
 
 
-def load_local(files: list[Path], text_column: str, cache_dir: Path) -> dict[str, Dataset]:
-    """{"train": the files as one dataset}; the .txt builder keeps line breaks so the text reads as written."""
+def text_pieces(files: list[str], source: str) -> Iterator[dict]:
+    """The rows of .txt files: pieces of about PIECE_CHARS characters cut at line ends, line breaks as written,
+    the last piece of each file marked as a document's end. (source names the files' content for HF's cache.)"""
+    for file in files:
+        with open(file, encoding="utf-8", newline="") as f:
+            piece = f.read(PIECE_CHARS) + f.readline()
+            while piece:
+                following = f.read(PIECE_CHARS) + f.readline()
+                yield {"text": piece, DOCUMENT_END: not following}
+                piece = following
+
+
+def load_local(files: list[Path], text_column: str, cache_dir: Path, source: str) -> dict[str, Dataset]:
+    """{"train": the files as one dataset}, read through HF's cache; source: a key that changes with the files."""
     builder = BUILDERS[files[0].suffix]
-    options = {"sample_by": "line", "keep_linebreaks": True} if builder == "text" else {}
+    paths = [str(f) for f in files]
     try:
-        train = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                      cache_dir=str(cache_dir), **options)  # fmt: skip
+        if builder == "text":
+            features = datasets.Features({"text": datasets.Value("string"), DOCUMENT_END: datasets.Value("bool")})
+            train = Dataset.from_generator(text_pieces, features=features, cache_dir=str(cache_dir),
+                                           gen_kwargs={"files": paths, "source": source})  # fmt: skip
+        else:
+            train = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=str(cache_dir))
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         raise UsageError(
