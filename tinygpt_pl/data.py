@@ -269,7 +269,7 @@ class TextDataModule(L.LightningDataModule):
 
     def cached_splits(self, full: bool) -> list[str]:
         """The splits ("train", maybe "val") of a finished tokenization in the cache, checked against their
-        sidecars (sizes; sha256 too when full); [] if there is none."""
+        sidecars (sizes; content too when full); [] if there is none."""
         meta = read_sidecar(self.token_dir / "train.bin")
         if meta is None:
             return []

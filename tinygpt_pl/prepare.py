@@ -1,8 +1,9 @@
 """Tokenize a corpus once into a cache: one flat token file per split, plus a JSON sidecar that describes it.
 
-The token file holds the ids end to end (uint16 when the vocabulary fits, else uint32); the sidecar records
-the source, the tokenizer, the token count, the dtype and the file's sha256. Both are written under a temporary
-name and renamed when complete, sidecar last, so an interrupted prepare leaves no sidecar and is done again.
+The token file holds the ids end to end (uint16 when the vocabulary fits, else uint32); the sidecar records the
+source, the tokenizer, the token count, the dtype, the file's sha256 and its modification time. Both are written
+under a temporary name and renamed when complete, sidecar last, so an interrupted prepare leaves no sidecar and is
+done again.
 Tokens are streamed from the tokenized Arrow table to the file batch by batch: memory does not grow with the
 corpus.
 """
@@ -89,7 +90,8 @@ def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, o
         if count == 0:
             raise UsageError(f"{meta['source']} has no text to train on: pass a corpus with text in it")
         os.replace(part, out)
-        sidecar = {**meta, "tokens": count, "dtype": dtype.name, "sha256": sha256_of(out)}
+        sidecar = {**meta, "tokens": count, "dtype": dtype.name, "sha256": sha256_of(out),
+                   "mtime_ns": out.stat().st_mtime_ns}  # fmt: skip
         (work / "meta.json").write_text(json.dumps(sidecar, indent=1))
         os.replace(work / "meta.json", sidecar_path(out))  # last: the token file is complete
     finally:
@@ -118,7 +120,8 @@ def damaged(token_file: Path, why: str) -> UsageError:
 
 
 def check_token_file(token_file: Path, meta: dict, full: bool) -> None:
-    """Raise if the token file does not match its sidecar: its size always, its sha256 too when full."""
+    """Raise if the token file does not match its sidecar: its size always; when full, its sha256 too, unless it
+    still has the modification time the sidecar recorded (hashing a corpus of 10B tokens takes a minute)."""
     try:
         expected = int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize
         sha256 = meta["sha256"]
@@ -126,9 +129,10 @@ def check_token_file(token_file: Path, meta: dict, full: bool) -> None:
         raise damaged(token_file, "its sidecar lacks tokens, dtype or sha256") from None
     if not token_file.is_file():
         raise damaged(token_file, "the token file is missing")
-    if token_file.stat().st_size != expected:
-        raise damaged(token_file, f"{token_file.stat().st_size} bytes, the sidecar says {expected}")
-    if full and sha256_of(token_file) != sha256:
+    stat = token_file.stat()
+    if stat.st_size != expected:
+        raise damaged(token_file, f"{stat.st_size} bytes, the sidecar says {expected}")
+    if full and stat.st_mtime_ns != meta.get("mtime_ns") and sha256_of(token_file) != sha256:
         raise damaged(token_file, "its content does not match the sha256 in its sidecar")
 
 
