@@ -249,9 +249,12 @@ def test_a_prepare_killed_mid_write_is_done_again_cleanly(tmp_path, corpus):
     (token_dir,) = (cache / "tokens").iterdir()
     assert not (token_dir / "train.json").exists() and not (token_dir / "train.bin").exists()
     assert any(p.stat().st_size > 0 for p in token_dir.rglob("*.bin"))  # the partial file, under its temp name
+    other_machine = token_dir / ".train.bin@another-host@1@x"
+    other_machine.mkdir()
 
     dm = prepared(cache, path=str(corpus))
     assert dm.token_dir == token_dir
+    assert sorted(p.name for p in token_dir.iterdir()) == [other_machine.name, "train.bin", "train.json"]
     assert all_tokens(dm) == all_tokens(prepared(tmp_path / "clean", path=str(corpus)))
     assert GPT2.decode(all_tokens(dm)) == corpus.read_text() + "<|endoftext|>"
 

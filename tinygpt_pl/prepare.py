@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -70,7 +71,9 @@ def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, o
         return pa.table({"ids": pa.ListArray.from_arrays(offsets, pa.array(flat, pa.uint32()))})
 
     dtype = token_dtype(tokenizer.vocab_size)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))  # the Arrow shards of the map, then gone
+    remove_abandoned_work(out)
+    # the Arrow shards of the map and the token file being written, named after this process, gone at the end
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}@{socket.gethostname()}@{os.getpid()}@"))
     try:
         tokenized = dataset.with_format("arrow").map(
             encode,
@@ -96,6 +99,19 @@ def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, o
         os.replace(work / "meta.json", sidecar_path(out))  # last: the token file is complete
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def remove_abandoned_work(out: Path) -> None:
+    """Delete the work folders that killed prepares of `out` on this machine left (their process is gone), which can
+    hold as much as the corpus. Other machines' folders stay: they may share the cache and be working."""
+    for work in out.parent.glob(f".{out.name}@{socket.gethostname()}@*@*"):
+        pid = int(work.name.split("@")[2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(work, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def sidecar_path(token_file: Path) -> Path:
