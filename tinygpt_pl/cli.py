@@ -43,9 +43,9 @@ def uses_gpu(accelerator: str | None, machine: Machine) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and machine.gpus > 0)
 
 
-def default_precision(accelerator: str | None, machine: Machine) -> str:
+def default_precision(gpu: bool, machine: Machine) -> str:
     """bf16 mixed precision where the GPU supports it, full fp32 elsewhere."""
-    return "bf16-mixed" if uses_gpu(accelerator, machine) and machine.gpu_bf16 else "32-true"
+    return "bf16-mixed" if gpu and machine.gpu_bf16 else "32-true"
 
 
 def count_devices(accelerator: str | None, devices: int | str | list[int], machine: Machine) -> int:
@@ -153,7 +153,7 @@ class TrainCLI(LightningCLI):
         gpu = uses_gpu(trainer.accelerator, machine)
         devices = count_devices(trainer.accelerator, trainer.devices, machine)
         if trainer.precision is None:
-            trainer.precision = default_precision(trainer.accelerator, machine)
+            trainer.precision = default_precision(gpu, machine)
         check_precision(str(trainer.precision), gpu, machine)
         check_strategy(trainer.strategy)
         self.gpu = gpu
