@@ -28,6 +28,15 @@ def test_weight_decay_only_on_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
 
 
+def test_weight_decay_refuses_parameter_names_it_does_not_know():
+    """Decay is chosen by the names of the unwrapped model; a wrapper that renames them must not go unnoticed."""
+    module = GPTModule(n_layer=1, n_head=2, n_embd=16, block_size=8)
+    module.trainer = L.Trainer(max_steps=10, logger=False)
+    module.model = torch.nn.ModuleDict({"wrapper": module.model})
+    with pytest.raises(RuntimeError, match=r"parameter names changed since it was built \(transformer.h.0"):
+        module.configure_optimizers()
+
+
 def test_val_loss_is_the_exact_token_mean_over_the_whole_split(tmp_path, corpus):
     text = corpus.read_text()[:20_000]
     path = tmp_path / "small.txt"

@@ -67,7 +67,7 @@ class GPTModule(L.LightningModule):
             self.model = GPT(config)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        self.matrices = {name for name, p in self.model.named_parameters() if p.dim() >= 2}  # weight-decayed
+        self.decayed = {name: p.dim() >= 2 for name, p in self.model.named_parameters()}  # matrices, not vectors
         if compile:
             self.model.compile()  # compiles the module's call, not a wrapper: no "_orig_mod." in its state_dict
         self.val_loss = MeanMetric()
@@ -150,8 +150,13 @@ class GPTModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         # by name, as shapes were before any wrapping: FSDP shows each parameter as a flat 1-D shard here
         params = {name.replace("_fsdp_wrapped_module.", ""): p for name, p in self.model.named_parameters()}
-        decay = [p for name, p in params.items() if p.requires_grad and name in self.matrices]
-        no_decay = [p for name, p in params.items() if p.requires_grad and name not in self.matrices]
+        if changed := sorted(params.keys() ^ self.decayed.keys()):
+            raise RuntimeError(
+                f"the model's parameter names changed since it was built ({changed[0]}): a new wrapper around it? "
+                "weight decay is chosen by those names"
+            )
+        decay = [p for name, p in params.items() if p.requires_grad and self.decayed[name]]
+        no_decay = [p for name, p in params.items() if p.requires_grad and not self.decayed[name]]
         groups = [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
