@@ -1,14 +1,15 @@
 """The CPU recipe benchmark: train.py on configs/shakespeare_char_cpu.yaml against a plain PyTorch loop.
 
 Both run as subprocesses of this script, alternating, so both pay the same interpreter start-up; the wall time
-of each is the whole subprocess. The plain loop (`--plain`) reads the same YAML config and reuses the package's
-GPT, batches, schedule and validation blocks; only the training loop itself is written out by hand, with what
-nanoGPT's loop does besides training (a logged loss every log_every_n_steps, a checkpoint at every validation).
+of each is the whole subprocess. The plain loop (`--plain`) reads the same YAML config and runs plain_loop.py's
+training step, with what nanoGPT's loop does besides training (a logged loss every log_every_n_steps, val/loss
+over the same validation blocks and a checkpoint at every validation).
 
     python benchmarks/cpu_recipe.py --data-path /path/to/tinyshakespeare.txt [--repeats 3]
 """
 
 import argparse
+import contextlib
 import inspect
 import re
 import shlex
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,14 +27,14 @@ DEFAULT_RESULTS = REPO / "benchmarks" / "results.md"
 
 
 def plain_run(config_path: Path, data_path: str, out_dir: Path) -> None:
-    """Train the config's recipe with a plain PyTorch loop, nanoGPT-style: print the train loss every
-    log_every_n_steps, and at every validation print val/loss over the full val split and save a checkpoint."""
+    """Train the config's recipe with the plain PyTorch loop (plain_loop.py), nanoGPT-style: print the train loss
+    every log_every_n_steps, and at every validation print val/loss over the full val split and save a checkpoint."""
     import torch
     import yaml
+    from plain_loop import build, train_step
 
-    from tinygpt_pl.data import TextDataModule, ValBatchMaker, train_batch
-    from tinygpt_pl.model import GPT, GPTConfig
-    from tinygpt_pl.module import GPTModule, cosine_lr
+    from tinygpt_pl.data import TextDataModule, ValBatchMaker
+    from tinygpt_pl.module import GPTModule
 
     config = yaml.safe_load(config_path.read_text())
     seed, trainer = config["seed_everything"], config["trainer"]
@@ -42,31 +42,18 @@ def plain_run(config_path: Path, data_path: str, out_dir: Path) -> None:
     data.setup("fit")
     defaults = {k: p.default for k, p in inspect.signature(GPTModule.__init__).parameters.items() if k != "self"}
     hp = {**defaults, **config["model"], "vocab_size": data.vocab_size, "block_size": data.block_size}
-    max_steps, val_every, clip = trainer["max_steps"], trainer["val_check_interval"], trainer["gradient_clip_val"]
+    max_steps, val_every = trainer["max_steps"], trainer["val_check_interval"]
     decay_steps = hp["lr_decay_steps"] or max_steps
     val_batches = ValBatchMaker(data.val_tokens, data.block_size, data.batch_size, world_size=1, rank=0)
 
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{f.name: hp[f.name] for f in fields(GPTConfig)}))
-    groups = [
-        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": float(hp["weight_decay"])},
-        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=float(hp["learning_rate"]), betas=tuple(hp["betas"]))
-
+    model, optimizer = build(hp, torch.device("cpu"), "32-true")
     model.train()
     for step in range(max_steps):
-        lr = cosine_lr(step, float(hp["learning_rate"]), float(hp["min_lr"]), hp["warmup_steps"], decay_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = train_batch(data.train_tokens, data.block_size, data.batch_size, data.seed, step, 0, 1)
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, data, step, hp, decay_steps, accumulate=1,
+                          clip=trainer["gradient_clip_val"], precision_context=contextlib.nullcontext())  # fmt: skip
         if (step + 1) % trainer["log_every_n_steps"] == 0:
-            print(f"step {step + 1} train/loss {loss.item():.4f} lr {lr:.2e}", flush=True)
+            print(f"step {step + 1} train/loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e}", flush=True)
         if (step + 1) % val_every == 0:
             model.eval()
             total, count = 0.0, 0

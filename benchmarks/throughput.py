@@ -8,14 +8,12 @@ memory (medians) and their ratio, and appends the table with date, device and to
 """
 
 import argparse
-import contextlib
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,10 +23,9 @@ from lightning.pytorch.callbacks import Callback
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from plain_loop import autocast, build, train_step  # noqa: E402
+
 from tinygpt_pl.cli import TrainCLI  # noqa: E402
-from tinygpt_pl.data import train_batch  # noqa: E402
-from tinygpt_pl.model import GPT, GPTConfig  # noqa: E402
-from tinygpt_pl.module import cosine_lr  # noqa: E402
 from tinygpt_pl.throughput import compute_dtype, peak_flops  # noqa: E402
 
 
@@ -64,47 +61,24 @@ def project(cli_args: list[str], warmup: int, steps: int) -> float:
 
 
 def plain(cli_args: list[str], warmup: int, steps: int) -> tuple[float, int, int, torch.device, str]:
-    """Seconds for `steps` steps of a hand-written loop over the same model, batches, optimizer and precision;
-    also the tokens per step, the FLOPs per token, the device and the precision."""
+    """Seconds for `steps` steps of the plain loop (plain_loop.py) over the same model, batches, optimizer and
+    precision; also the tokens per step, the FLOPs per token, the device and the precision."""
     with tempfile.TemporaryDirectory() as root:  # the CLI only reads the config and data, exactly as train.py does
         cli = TrainCLI([*cli_args, "--trainer.default_root_dir", root, "--trainer.max_steps", str(warmup + steps)])
     hp, data, trainer = cli.model.hparams, cli.datamodule, cli.trainer
     device, precision = trainer.strategy.root_device, trainer.precision
     data.setup("fit")
     torch.manual_seed(cli.config.seed_everything)
-    model = GPT(GPTConfig(**{f.name: hp[f.name] for f in fields(GPTConfig)})).to(device)
-    if precision == "bf16-true":
-        model = model.to(torch.bfloat16)
-    if hp.compile:
-        model.compile()
-    groups = [
-        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": hp.weight_decay},
-        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=device.type == "cuda")
-    accumulate, clip = trainer.accumulate_grad_batches, trainer.gradient_clip_val
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
-    )
+    model, optimizer = build(hp, device, precision)
+    context = autocast(device, precision)
     for step in range(warmup + steps):
         if step == warmup:
             synchronize(device)
             t0 = time.perf_counter()
-        lr = cosine_lr(step, hp.learning_rate, hp.min_lr, hp.warmup_steps, hp.lr_decay_steps or warmup + steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for k in range(accumulate):
-            x, y = train_batch(data.train_tokens, data.block_size, data.batch_size, data.seed, step, k, accumulate)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                _, loss = model(x, y)
-            (loss / accumulate).backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, data, step, hp, hp.lr_decay_steps or warmup + steps,
+                   trainer.accumulate_grad_batches, trainer.gradient_clip_val, context)  # fmt: skip
     synchronize(device)
-    tokens = accumulate * data.batch_size * data.block_size
+    tokens = trainer.accumulate_grad_batches * data.batch_size * data.block_size
     return time.perf_counter() - t0, tokens, model.flops_per_token(), device, precision
 
 
@@ -126,6 +100,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each, alternating which goes first")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results.md", help="file to append to")
     args, overrides = parser.parse_known_args()  # the rest go to train.py: --model.compile true, --data.batch_size
+    command = shlex.join(["python", *sys.argv])
+    sys.argv[1:] = []  # TrainCLI gets its arguments from cli_args (LightningCLI warns when sys.argv has others)
     cli_args = ["--config", args.config, "--data.path", args.data_path, *overrides]
 
     times: dict[str, list[float]] = {"project": [], "plain": []}
@@ -161,7 +137,7 @@ def main() -> None:
     date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
     section = "\n".join([f"## Throughput: {Path(args.config).name}, {date}", "",
                          f"Device: {device_name}; torch {version('torch')}, lightning {version('lightning')}.", "",
-                         "```", shlex.join(["python", *sys.argv]), "```", "", *lines])  # fmt: skip
+                         "```", command, "```", "", *lines])  # fmt: skip
     print("\n" + section)
     if not args.results.exists():
         args.results.write_text("# Benchmarks\n")
