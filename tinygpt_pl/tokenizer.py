@@ -10,9 +10,11 @@ A checkpoint stores the tokenizer by name (char: with its vocabulary); tokenizer
 
 import functools
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext import openai_public
@@ -44,7 +46,9 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's ids as a uint32 array (a corpus in pieces goes straight into numpy)."""
+        ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -83,8 +87,8 @@ class CharTokenizer:
             )
         return [self.stoi[ch] for ch in text]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(text) for text in texts]
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.array(self.encode(text), np.uint32) for text in texts]
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -112,9 +116,14 @@ class TiktokenTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encodes the texts in parallel threads: the fast way to tokenize a large corpus in pieces."""
-        return self.encoding.encode_ordinary_batch(texts)
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Encodes the texts in parallel threads (tiktoken's encoder releases the GIL), as encode_ordinary_batch does,
+        but into numpy arrays directly: converting the ids' Python lists costs a fifth as much as encoding them."""
+        with ThreadPoolExecutor(8) as threads:
+            return list(threads.map(self.encode_array, texts))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())  # = encode_ordinary
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
