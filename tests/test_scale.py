@@ -3,6 +3,7 @@ accumulation, compiled and plain checkpoints load into each other, throughput re
 machine cannot do are refused in one line."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,17 +92,25 @@ def test_resumes_from_a_checkpoint_written_at_a_step_end(tmp_path: Path, small_c
     assert_resumes(tmp_path, one_process, small_corpus, *every)
 
 
-def test_fsdp_on_two_processes_equals_one_process_and_its_weights_load_anywhere(
+def test_fsdp_on_two_processes_equals_one_process_and_resumes_anywhere(
     tmp_path: Path, small_corpus: Path, one_process: Path
 ) -> None:
-    """Sharded over 2 CPU processes (each Block its own FSDP unit), with gradient clipping over the shards."""
-    fsdp = train(tmp_path, small_corpus, *EVERY_STEP, *FSDP, "--trainer.max_steps", "6")
+    """Sharded over 2 CPU processes (each Block its own FSDP unit), with gradient clipping over the shards; its
+    checkpoint resumes with FSDP and in one process as the uninterrupted run goes on, and loads into a plain GPT."""
+    run = tmp_path / "run"
+    fsdp = train(run, small_corpus, *EVERY_STEP, *FSDP, "--trainer.max_steps", "6")
     assert fsdp.returncode == 0, fsdp.stderr
-    assert_same_run(tmp_path, one_process, steps=6)
-    model, _ = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")  # full tensors, strictly into a plain GPT
+    assert_same_run(run, one_process, steps=6)
+    model, _ = load_checkpoint(run / "checkpoints" / "last.ckpt")  # full tensors, strictly into a plain GPT
     assert model.num_params() == load_checkpoint(one_process / "checkpoints" / "last.ckpt")[0].num_params()
-    plain = train(tmp_path, small_corpus, *EVERY_STEP, "--trainer.max_steps", "8", "--ckpt_path", "last")
-    assert_one_error_line(plain, "one saved with FSDP, is not supported yet", "start a new run")
+    shutil.copytree(run, tmp_path / "copy")
+    assert_resumes(run, one_process, small_corpus)
+    assert_resumes(tmp_path / "copy", one_process, small_corpus, *FSDP)
+
+
+def test_fsdp_refuses_to_resume_a_checkpoint_saved_without_it(small_corpus: Path, one_process: Path) -> None:
+    resumed = train(one_process, small_corpus, *EVERY_STEP, *FSDP, "--trainer.max_steps", "8", "--ckpt_path", "last")
+    assert_one_error_line(resumed, "was not saved by an FSDP run", "resume it with the strategy it was saved with")
 
 
 def test_val_loss_is_the_same_on_any_number_of_processes(tmp_path: Path, small_corpus: Path) -> None:

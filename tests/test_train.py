@@ -1,5 +1,6 @@
 """train.py and sample.py end to end, as a user runs them, on the debug config."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,18 @@ def test_debug_config_trains_end_to_end(debug_run):
     assert "sample/text_summary" in ea.Tags()["tensors"]
     checkpoint = torch.load(debug_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 20
+
+
+def test_a_moved_run_resumes_and_goes_on_managing_its_checkpoints(tmp_path, corpus, debug_run):
+    """A run folder moved elsewhere (here: copied) resumes with --ckpt_path last and writes its checkpoints where
+    they were: last.ckpt advances (no last-v1.ckpt beside it) and the best checkpoint is replaced, not added to."""
+    moved = tmp_path / "moved"
+    shutil.copytree(debug_run, moved)
+    resumed = train(moved, corpus, "--trainer.max_steps", "30", "--model.lr_decay_steps", "20", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert names[1:] == ["last.ckpt"] and names[0].startswith("best-step30-"), names
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, corpus):

@@ -1,14 +1,39 @@
-"""Loading a trained GPT from a Lightning checkpoint alone, without Lightning and without unpickling code."""
+"""Checkpoints: the ModelCheckpoint that train.py runs, and loading a trained GPT from a checkpoint alone, without
+Lightning and without unpickling code."""
 
+import os
 from dataclasses import fields
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tinygpt_pl.data import TextDataModule
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.model import GPT, GPTConfig
 from tinygpt_pl.tokenizer import Tokenizer, tokenizer_from_state
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which also goes on managing a run's checkpoints after the run's folder was moved
+    or copied. Lightning drops what it knew of them when the folder's path changed, and writes last-v1.ckpt beside
+    the last.ckpt it no longer recognizes, so that the next --ckpt_path last would resume the older one."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath and state_dict.get("last_model_path"):
+
+            def moved(path: str) -> str:
+                return os.path.join(self.dirpath, os.path.relpath(path, old)) if path else path
+
+            if os.path.isfile(moved(state_dict["last_model_path"])):  # the run's own files, in their new place
+                state_dict = {
+                    **state_dict,
+                    "dirpath": self.dirpath,
+                    **{k: moved(state_dict[k]) for k in ("best_model_path", "kth_best_model_path", "last_model_path")},
+                    "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+                }
+        super().load_state_dict(state_dict)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

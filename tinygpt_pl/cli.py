@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from tinygpt_pl.checkpoint import RunCheckpoint
 from tinygpt_pl.data import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import UsageError, exit_on_bad_input
 from tinygpt_pl.fsdp import fsdp_strategy
@@ -128,7 +128,7 @@ class TrainCLI(LightningCLI):
             default=None,
             help="Checkpoint to resume from: a path, or 'last' for the newest checkpoint of this run.",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -166,6 +166,7 @@ class TrainCLI(LightningCLI):
             f"= {world_size} devices x {config.data.batch_size} x {self.accumulate} accumulated"
         )
         config.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(config.checkpoint.dirpath))
+        check_resume_strategy(config.ckpt_path, trainer.strategy)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the derived accumulation (passed here, so the saved config.yaml keeps what was asked)."""
@@ -198,6 +199,19 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     if not Path(ckpt_path).is_file():
         raise UsageError(f"--ckpt_path {ckpt_path}: no such checkpoint file: pass an existing .ckpt or 'last'")
     return ckpt_path
+
+
+def check_resume_strategy(ckpt_path: str | None, strategy: str) -> None:
+    """FSDP resumes FSDP checkpoints; a DDP or one-device run resumes any. Lightning's FSDP maps a checkpoint's
+    optimizer state to parameters by model order, which is FSDP's own order but not that of other runs, whose
+    optimizer puts the weight-decayed parameters first: their Adam moments would land on the wrong parameters."""
+    if ckpt_path is None or strategy != "fsdp":
+        return
+    if not torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("fsdp"):
+        raise UsageError(
+            f"--ckpt_path {ckpt_path} was not saved by an FSDP run, and FSDP cannot resume its optimizer state: "
+            "resume it with the strategy it was saved with (ddp, or one device)"
+        )
 
 
 @exit_on_bad_input

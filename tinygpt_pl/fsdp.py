@@ -4,11 +4,19 @@ On CUDA this is Lightning's FSDPStrategy as it is. On CPU processes (gloo: the t
 works too, but Lightning 2.6 cannot drive it there; CPUFSDPStrategy mends the two places where it goes wrong.
 """
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import FSDPStrategy
-from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    OptimStateKeyType,
+    StateDictType,
+)
 
 from tinygpt_pl.model import Block
 
@@ -18,8 +26,9 @@ class CPUFSDPStrategy(FSDPStrategy):
 
     1. Lightning wraps with device_id=root_device.index, which is None for a CPU, and torch's FSDP then looks for an
        accelerator ("FSDP needs a non-CPU accelerator device"): here the model is wrapped with device_id=cpu.
-    2. Lightning takes the full state dict with offload_to_cpu=True, which for parameters already on the CPU clones
-       the unsharded buffer after FSDP has freed it (a segfault in torch 2.13): here it is taken without offloading.
+    2. Lightning takes the full state dicts with offload_to_cpu=True, which for tensors already on the CPU copies
+       buffers after FSDP has freed or reused them: the model's segfaults in torch 2.13, and the optimizer's comes out
+       with Adam's exp_avg_sq in place of exp_avg. Here both are taken without offloading.
     (Lightning also refuses accelerator="cpu" for FSDPStrategy itself, by exact type: a subclass passes.)
     """
 
@@ -35,9 +44,26 @@ class CPUFSDPStrategy(FSDPStrategy):
         return super()._setup_model(model)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-        with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+        with self.full_state_dict_type():
             return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """As Lightning's: the full optimizer state, keyed by parameter index, on rank 0."""
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        with self.full_state_dict_type():
+            state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:
+                state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
+
+    def full_state_dict_type(self) -> AbstractContextManager:
+        return FullyShardedDataParallel.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        )
 
 
 def fsdp_strategy(gpu: bool) -> FSDPStrategy:

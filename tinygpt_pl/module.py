@@ -176,15 +176,9 @@ class GPTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["fsdp"] = isinstance(self.trainer.strategy, FSDPStrategy)
+        checkpoint["fsdp"] = isinstance(self.trainer.strategy, FSDPStrategy)  # see cli.check_resume_strategy
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("fsdp") or isinstance(self.trainer.strategy, FSDPStrategy):
-            # FSDP's full optimizer state comes back wrong here (Adam's moments): training would silently go astray
-            raise UsageError(
-                "resuming a run with FSDP, or one saved with FSDP, is not supported yet (its optimizer state does not "
-                "restore correctly): start a new run, or load the checkpoint's weights (sample.py, load_checkpoint)"
-            )
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
             # Lightning restores the data after the model: check the tokenizer first, it explains a vocab_size change
