@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_script, train
 
 
@@ -105,3 +106,13 @@ def test_sample_from_a_missing_or_foreign_checkpoint(tmp_path: Path) -> None:
     assert_one_error_line(run_script("sample.py", "--ckpt_path", str(tmp_path / "no.ckpt")), "does not exist")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     assert_one_error_line(run_script("sample.py", "--ckpt_path", str(tmp_path / "junk.ckpt")), "not a readable")
+
+
+def test_resume_from_a_junk_or_foreign_checkpoint(tmp_path: Path, corpus: Path) -> None:
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    result = train(tmp_path / "run", corpus, "--ckpt_path", str(tmp_path / "junk.ckpt"))
+    assert_one_error_line(result, "junk.ckpt' is not a readable checkpoint", "pass a .ckpt written by train.py")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    result = train(tmp_path / "run", corpus, "--ckpt_path", str(tmp_path / "foreign.ckpt"))
+    assert_one_error_line(result, "foreign.ckpt is not a checkpoint of a train.py run", "pass a .ckpt that one wrote")
+    assert not (tmp_path / "run").exists()  # refused before any work

@@ -36,20 +36,23 @@ class RunCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """The GPT (in eval mode) and the tokenizer that a training checkpoint holds.
-
-    Loads with weights_only=True: tensors and plain containers only, so a checkpoint cannot run code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {str(path)!r} does not exist: pass --ckpt_path to a .ckpt file of a run")
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint file's contents, loaded with weights_only=True: tensors and plain containers only, so a
+    checkpoint cannot run code. mmap: leave the tensors on disk until they are read."""
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise UsageError(
             f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}): pass a .ckpt written by train.py"
         ) from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The GPT (in eval mode) and the tokenizer that a training checkpoint holds."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {str(path)!r} does not exist: pass --ckpt_path to a .ckpt file of a run")
+    checkpoint = read_checkpoint(path, map_location)
     if "state_dict" not in checkpoint or TextDataModule.__qualname__ not in checkpoint:
         raise UsageError(f"{str(path)!r} is not a tinygpt_pl training checkpoint: pass a .ckpt written by train.py")
     hparams = checkpoint["hyper_parameters"]

@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from tinygpt_pl.checkpoint import RunCheckpoint
+from tinygpt_pl.checkpoint import RunCheckpoint, read_checkpoint
 from tinygpt_pl.data import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import UsageError, exit_on_bad_input
 from tinygpt_pl.fsdp import fsdp_strategy
@@ -166,7 +166,7 @@ class TrainCLI(LightningCLI):
             f"= {world_size} devices x {config.data.batch_size} x {self.accumulate} accumulated"
         )
         config.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(config.checkpoint.dirpath))
-        check_resume_strategy(config.ckpt_path, trainer.strategy)
+        check_resume(config.ckpt_path, trainer.strategy)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the derived accumulation (passed here, so the saved config.yaml keeps what was asked)."""
@@ -201,13 +201,16 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return ckpt_path
 
 
-def check_resume_strategy(ckpt_path: str | None, strategy: str) -> None:
-    """FSDP resumes FSDP checkpoints; a DDP or one-device run resumes any. Lightning's FSDP maps a checkpoint's
-    optimizer state to parameters by model order, which is FSDP's own order but not that of other runs, whose
-    optimizer puts the weight-decayed parameters first: their Adam moments would land on the wrong parameters."""
-    if ckpt_path is None or strategy != "fsdp":
+def check_resume(ckpt_path: str | None, strategy: str) -> None:
+    """The checkpoint to resume must be a readable training checkpoint; with FSDP, one that FSDP saved. (Lightning's
+    FSDP maps a checkpoint's optimizer state to parameters in model order, which is FSDP's own order but not that of
+    DDP or one-device runs, whose optimizer puts the weight-decayed parameters first.)"""
+    if ckpt_path is None:
         return
-    if not torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("fsdp"):
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)  # the tensors stay on disk
+    if "loops" not in checkpoint or TextDataModule.__qualname__ not in checkpoint:
+        raise UsageError(f"--ckpt_path {ckpt_path} is not a checkpoint of a train.py run: pass a .ckpt that one wrote")
+    if strategy == "fsdp" and not checkpoint.get("fsdp"):
         raise UsageError(
             f"--ckpt_path {ckpt_path} was not saved by an FSDP run, and FSDP cannot resume its optimizer state: "
             "resume it with the strategy it was saved with (ddp, or one device)"

@@ -176,7 +176,7 @@ class GPTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["fsdp"] = isinstance(self.trainer.strategy, FSDPStrategy)  # see cli.check_resume_strategy
+        checkpoint["fsdp"] = isinstance(self.trainer.strategy, FSDPStrategy)  # see cli.check_resume
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
