@@ -3,9 +3,8 @@
 The token file holds the ids end to end (uint16 when the vocabulary fits, else uint32); the sidecar records the
 source, the tokenizer, the token count, the dtype, the file's sha256 and its modification time. Both are written
 under a temporary name and renamed when complete, sidecar last, so an interrupted prepare leaves no sidecar and is
-done again.
-Each tokenizing process appends its batches' tokens to a file of its own, and the files are joined in order:
-memory does not grow with the corpus.
+done again. Each tokenizing process appends its batches' tokens to a file of its own, and the files are joined in
+order: memory does not grow with the corpus.
 """
 
 import hashlib
