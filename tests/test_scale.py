@@ -64,15 +64,18 @@ def assert_same_run(run: Path, one: Path, steps: int) -> None:
     assert_close(val, {s: v for s, v in scalars(one, "val/loss").items() if s < steps})
 
 
-def assert_resumes(run: Path, one: Path, corpus: Path, *args: str) -> None:
-    """The run's last.ckpt resumed in one process (accumulating 2 micro-batches) to step 8 trains, validates, logs
-    and saves the remaining steps as the uninterrupted one-process run did, under the same step indices."""
-    saved_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    resumed = train(run, corpus, *EVERY_STEP, *args, "--trainer.max_steps", "8", "--ckpt_path", "last")
+def assert_resumes(run: Path, one: Path, corpus: Path, *args: str, ckpt: str = "last", version: int = 1) -> None:
+    """The run's checkpoint (last.ckpt, or the file ckpt) resumed in one process (accumulating 2 micro-batches) to
+    step 8 trains, validates, logs and saves the remaining steps as the uninterrupted one-process run did, under the
+    same step indices."""
+    path = run / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
+    saved_at = torch.load(path, weights_only=False)["global_step"]
+    resumed = train(run, corpus, *EVERY_STEP, *args, "--trainer.max_steps", "8", "--ckpt_path", ckpt)
     assert resumed.returncode == 0, resumed.stderr
     for tag in ("train/loss", "val/loss"):
-        assert_close(scalars(run, tag, version=1), {s: v for s, v in scalars(one, tag).items() if s >= saved_at})
+        assert_close(scalars(run, tag, version), {s: v for s, v in scalars(one, tag).items() if s >= saved_at})
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # last.ckpt itself went on
 
 
 def test_ddp_on_two_processes_equals_one_process_and_resumes_in_one(
@@ -85,11 +88,19 @@ def test_ddp_on_two_processes_equals_one_process_and_resumes_in_one(
     assert_resumes(tmp_path, one_process, small_corpus)
 
 
-def test_resumes_from_a_checkpoint_written_at_a_step_end(tmp_path: Path, small_corpus: Path, one_process: Path) -> None:
-    """--checkpoint.every_n_train_steps 3 writes last.ckpt at the end of step 6 of 7 (not at a validation)."""
-    every = ("--checkpoint.every_n_train_steps", "3")
-    assert train(tmp_path, small_corpus, *EVERY_STEP, *every, "--trainer.max_steps", "7").returncode == 0
-    assert_resumes(tmp_path, one_process, small_corpus, *every)
+def test_resumes_from_checkpoints_written_at_a_step_end_and_at_the_run_end(
+    tmp_path: Path, small_corpus: Path, one_process: Path
+) -> None:
+    """A run of 7 steps validating every 2 steps: --checkpoint.every_n_train_steps 3 writes a checkpoint at the end
+    of step 6 (before its validation), and last.ckpt holds step 7, written when the run ended. The resumed runs
+    change the --checkpoint settings, which makes Lightning forget the run's checkpoints."""
+    keep_all = ("--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1")
+    assert train(tmp_path, small_corpus, *EVERY_STEP, *keep_all, "--trainer.max_steps", "7").returncode == 0
+    (step_end,) = (tmp_path / "checkpoints").glob("best-step6-*.ckpt")
+    step_end = shutil.copy(step_end, tmp_path / "step6.ckpt")  # the resumed run keeps only its best checkpoint
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+    assert_resumes(tmp_path, one_process, small_corpus, version=1)
+    assert_resumes(tmp_path, one_process, small_corpus, ckpt=str(step_end), version=2)
 
 
 def test_fsdp_on_two_processes_equals_one_process_and_resumes_anywhere(

@@ -5,6 +5,7 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -15,9 +16,26 @@ from tinygpt_pl.tokenizer import Tokenizer, tokenizer_from_state
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, which also goes on managing a run's checkpoints after the run's folder was moved
-    or copied. Lightning drops what it knew of them when the folder's path changed, and writes last-v1.ckpt beside
-    the last.ckpt it no longer recognizes, so that the next --ckpt_path last would resume the older one."""
+    """Lightning's ModelCheckpoint, with two mends for runs that are resumed:
+
+    - last.ckpt holds the final step, also when the run ended between validations (Lightning saves only at
+      validations and every_n_train_steps, and with gradient accumulation it defers the last of those to a
+      validation that does not come);
+    - a resumed run goes on writing last.ckpt, and manages the run's other checkpoints also after the run's folder
+      was moved or copied. Lightning forgets them when the folder's path or a --checkpoint setting changed, and
+      then writes last-v1.ckpt beside the last.ckpt it no longer recognizes, so that the next --ckpt_path last
+      would resume the older file. (train.py never starts a new run in a folder that holds a last.ckpt.)
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        last = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        if self.save_last and os.path.isfile(last):
+            self.last_model_path = last  # this run's, resumed: overwrite it
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def load_state_dict(self, state_dict: dict) -> None:
         old = state_dict.get("dirpath")
