@@ -81,6 +81,14 @@ def test_a_new_run_never_overwrites_an_old_one(run_copy: Path, corpus: Path) -> 
     assert digests(run_copy) == before
 
 
+def test_resuming_a_checkpoint_in_another_runs_folder_is_refused(run_copy: Path, corpus: Path, tmp_path) -> None:
+    elsewhere = shutil.copy(run_copy / "checkpoints" / "last.ckpt", tmp_path / "elsewhere.ckpt")
+    before = digests(run_copy)
+    result = train(run_copy, corpus, "--ckpt_path", str(elsewhere), "--trainer.max_steps", "30")
+    assert_one_error_line(result, "holds the checkpoints of another run", "in a new --trainer.default_root_dir")
+    assert digests(run_copy) == before
+
+
 def test_resume_into_a_model_of_another_shape(run_copy: Path, corpus: Path) -> None:
     before = digests(run_copy / "checkpoints")
     result = train(run_copy, corpus, "--ckpt_path", "last", "--trainer.max_steps", "30", "--model.n_embd", "48")

@@ -97,7 +97,7 @@ def test_resumes_from_checkpoints_written_at_a_step_end_and_at_the_run_end(
     keep_all = ("--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1")
     assert train(tmp_path, small_corpus, *EVERY_STEP, *keep_all, "--trainer.max_steps", "7").returncode == 0
     (step_end,) = (tmp_path / "checkpoints").glob("best-step6-*.ckpt")
-    step_end = shutil.copy(step_end, tmp_path / "step6.ckpt")  # the resumed run keeps only its best checkpoint
+    step_end = shutil.copy(step_end, step_end.with_name("step6.ckpt"))  # the resumed run keeps only its best one
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
     assert_resumes(tmp_path, one_process, small_corpus, version=1)
     assert_resumes(tmp_path, one_process, small_corpus, ckpt=str(step_end), version=2)

@@ -180,7 +180,8 @@ class TrainCLI(LightningCLI):
 
 
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
-    """The checkpoint to resume, checked before any work is done; a fresh run never overwrites an old one."""
+    """The checkpoint to resume, checked before any work is done; a run never overwrites another's checkpoints.
+    A checkpoint of the run's own (in its checkpoint folder) may be resumed there: the run continues from it."""
     last = ckpt_dir / "last.ckpt"
     if ckpt_path is None:
         if last.exists():
@@ -198,6 +199,11 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
         return str(last)
     if not Path(ckpt_path).is_file():
         raise UsageError(f"--ckpt_path {ckpt_path}: no such checkpoint file: pass an existing .ckpt or 'last'")
+    if last.exists() and Path(ckpt_path).resolve().parent != ckpt_dir.resolve():
+        raise UsageError(
+            f"{ckpt_dir} holds the checkpoints of another run, which resuming {ckpt_path} there would overwrite: "
+            "resume it in a new --trainer.default_root_dir (or that run with --ckpt_path last)"
+        )
     return ckpt_path
 
 
