@@ -7,6 +7,8 @@ done again. Each tokenizing process appends its batches' tokens to a file of its
 order: memory does not grow with the corpus.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -14,15 +16,17 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset
 
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.sources import DOCUMENT_END
 from tinygpt_pl.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def sha256_of(path: Path) -> str:

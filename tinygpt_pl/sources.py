@@ -5,16 +5,19 @@ read as written in pieces cut at line ends; .jsonl/.json/.parquet rows and hub d
 tokenized corpus ends every document with the end-of-text token.
 """
 
+from __future__ import annotations
+
 import glob
 import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-
-import datasets
-from datasets import Dataset
+from typing import TYPE_CHECKING
 
 from tinygpt_pl.errors import UsageError
+
+if TYPE_CHECKING:  # datasets is imported where a corpus is read: a second off every start-up that reuses the cache
+    from datasets import Dataset
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VALIDATION_SPLIT = "validation"
@@ -73,13 +76,15 @@ def text_pieces(files: list[str], source: str) -> Iterator[dict]:
 
 def load_local(files: list[Path], text_column: str, cache_dir: Path, source: str) -> dict[str, Dataset]:
     """{"train": the files as one dataset}, read through HF's cache; source: a key that changes with the files."""
+    import datasets
+
     builder = BUILDERS[files[0].suffix]
     paths = [str(f) for f in files]
     try:
         if builder == "text":
             features = datasets.Features({"text": datasets.Value("string"), DOCUMENT_END: datasets.Value("bool")})
-            train = Dataset.from_generator(text_pieces, features=features, cache_dir=str(cache_dir),
-                                           gen_kwargs={"files": paths, "source": source})  # fmt: skip
+            train = datasets.Dataset.from_generator(text_pieces, features=features, cache_dir=str(cache_dir),
+                                                    gen_kwargs={"files": paths, "source": source})  # fmt: skip
         else:
             train = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=str(cache_dir))
     except datasets.exceptions.DatasetGenerationError as e:
@@ -94,6 +99,8 @@ def load_local(files: list[Path], text_column: str, cache_dir: Path, source: str
 def load_hub(hf_path: str, hf_name: str | None, split: str, text_column: str) -> dict[str, Dataset]:
     """{"train": the chosen split, "val": the dataset's own validation split when it has one}, through the HF
     cache (offline, only datasets already downloaded there load)."""
+    import datasets
+
     name = hf_path + (f" ({hf_name})" if hf_name else "")
     try:
         splits = datasets.load_dataset(hf_path, hf_name)
