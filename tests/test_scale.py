@@ -135,25 +135,26 @@ def test_val_loss_is_the_same_on_any_number_of_processes(tmp_path: Path, small_c
 
 
 def test_compiled_and_plain_checkpoints_resume_into_each_other(tmp_path: Path, small_corpus: Path) -> None:
-    """An uncompiled run resumed compiled, then that checkpoint resumed uncompiled, ends where the same resumes
-    without compiling end; no checkpoint holds torch.compile's "_orig_mod." keys."""
+    """An uncompiled run resumed compiled, then that checkpoint resumed uncompiled, ends where an uncompiled run
+    of the same steps ends; no checkpoint holds torch.compile's "_orig_mod." keys."""
     quick = ["--model.sample_tokens", "0", "--trainer.val_check_interval", "2", "--model.lr_decay_steps", "6"]
-    for name, compiled in (("plain", "false"), ("compiled", "true")):
-        root = tmp_path / name
-        for max_steps, flags in (("2", []), ("4", ["--ckpt_path", "last", "--model.compile", compiled]),
-                                 ("6", ["--ckpt_path", "last"])):  # fmt: skip
-            result = train(root, small_corpus, *quick, "--trainer.max_steps", max_steps, *flags)
-            assert result.returncode == 0, result.stderr
-            ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-            assert ckpt["global_step"] == int(max_steps)
-            assert ckpt["hyper_parameters"]["compile"] is (max_steps == "4" and compiled == "true")
-            assert not any("_orig_mod" in key for key in ckpt["state_dict"])
+    root = tmp_path / "switched"
+    for max_steps, flags in (("2", []), ("4", ["--ckpt_path", "last", "--model.compile", "true"]),
+                             ("6", ["--ckpt_path", "last"])):  # fmt: skip
+        result = train(root, small_corpus, *quick, "--trainer.max_steps", max_steps, *flags)
+        assert result.returncode == 0, result.stderr
+        ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == int(max_steps)
+        assert ckpt["hyper_parameters"]["compile"] is (max_steps == "4")
+        assert not any("_orig_mod" in key for key in ckpt["state_dict"])
 
+    result = train(tmp_path / "plain", small_corpus, *quick, "--trainer.max_steps", "6")
+    assert result.returncode == 0, result.stderr
     plain = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)
-    compiled = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True)
+    switched = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     for key, value in plain["state_dict"].items():
-        torch.testing.assert_close(compiled["state_dict"][key], value, rtol=0, atol=1e-4)
-    load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.ckpt")  # into a plain GPT, strictly
+        torch.testing.assert_close(switched["state_dict"][key], value, rtol=0, atol=1e-4)
+    load_checkpoint(root / "checkpoints" / "last.ckpt")  # into a plain GPT, strictly
 
 
 def test_compile_switch_compiles_the_model_in_place() -> None:
