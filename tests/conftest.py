@@ -36,6 +36,14 @@ def corpus() -> Path:
     return find_tiny_shakespeare()
 
 
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """The first 60k characters of tiny Shakespeare: a val split that validates in a blink."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(corpus.read_text()[:60_000])
+    return path
+
+
 def run_script(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, capturing its output."""
     return subprocess.run(

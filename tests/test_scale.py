@@ -24,14 +24,6 @@ DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 FSDP = ["--trainer.devices", "2", "--trainer.strategy", "fsdp"]
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
-    """The first 60k characters of tiny Shakespeare: a val split that validates in a blink."""
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text(corpus.read_text()[:60_000])
-    return path
-
-
 def scalars(root: Path, tag: str, version: int = 0) -> dict[int, float]:
     return {e.step: e.value for e in events(root, version).Scalars(tag)}
 

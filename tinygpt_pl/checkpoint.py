@@ -2,17 +2,22 @@
 Lightning and without unpickling code."""
 
 import os
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tinygpt_pl.data import TextDataModule
-from tinygpt_pl.errors import UsageError
+from tinygpt_pl.errors import RunStopped, UsageError
 from tinygpt_pl.model import GPT, GPTConfig
 from tinygpt_pl.tokenizer import Tokenizer, tokenizer_from_state
+
+TEMPORARY_GLOB = ".*.ckpt.*.tmp"  # AtomicCheckpointIO's files being written
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -32,6 +37,9 @@ class RunCheckpoint(ModelCheckpoint):
         last = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         if self.save_last and os.path.isfile(last):
             self.last_model_path = last  # this run's, resumed: overwrite it
+        if trainer.is_global_zero:  # the run folder is locked (runlock.py): these are a killed process's
+            for tmp in Path(self.dirpath).glob(TEMPORARY_GLOB):
+                tmp.unlink()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
@@ -52,6 +60,72 @@ class RunCheckpoint(ModelCheckpoint):
                     "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
                 }
         super().load_state_dict(state_dict)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint whole or not at all: into a temporary file beside it, flushed to the disk, then renamed
+    over the old one, so that a run killed mid-write or a full disk leaves the previous checkpoint as it was.
+    (Lightning's own save writes the file in /tmp and then moves it, which is a copy over the old file wherever /tmp
+    is another filesystem.)
+
+    A checkpoint folder deleted during the run is made again, the checkpoint written, and on_folder_recreated told.
+    """
+
+    def __init__(self, on_folder_recreated: Callable[[str], None]) -> None:
+        super().__init__()
+        self.on_folder_recreated = on_folder_recreated
+        self.folders: set[Path] = set()  # written to by this run
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        folder = path.parent
+        vanished = folder in self.folders and not folder.is_dir()
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"  # matches TEMPORARY_GLOB
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError from an OSError
+            tmp.unlink(missing_ok=True)
+            raise CheckpointWriteError(path, e) from None
+        self.folders.add(folder)
+        if vanished:
+            self.on_folder_recreated(
+                f"the checkpoint folder {folder} was deleted during the run: it was made again for the checkpoints "
+                f"of step {checkpoint.get('global_step')} and the run stopped: resume with --ckpt_path last"
+            )
+
+
+class CheckpointWriteError(RunStopped):
+    def __init__(self, path: Path, error: BaseException) -> None:
+        cause = error if isinstance(error, OSError) else error.__context__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else " ".join(str(error).split())
+        last = path.parent / "last.ckpt"
+        kept = f"{last} (step {checkpoint_step(last)}) is intact" if last.is_file() else "no checkpoint was written yet"
+        super().__init__(
+            f"could not write the checkpoint {path} ({reason}); {kept}: make room in {path.parent} "
+            "(or pass another --checkpoint.dirpath), then resume with --ckpt_path last"
+        )
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint file was saved at; None if it is not a readable training checkpoint."""
+    try:
+        return read_checkpoint(path, mmap=True)["global_step"]
+    except (UsageError, KeyError, TypeError):
+        return None
+
+
+def newest_intact_checkpoint(folder: Path, skip: Path | None = None) -> tuple[Path, int] | None:
+    """The readable checkpoint of the latest step in folder (other than skip), with its step."""
+    steps = [(checkpoint_step(path), path) for path in folder.glob("*.ckpt") if path != skip]
+    if not (intact := [(step, path) for step, path in steps if step is not None]):
+        return None
+    step, path = max(intact)  # at equal steps, last.ckpt
+    return path, step
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:

@@ -9,20 +9,28 @@ nodes, `--trainer.strategy fsdp` shards each transformer Block. `--data.global_b
 """
 
 import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from tinygpt_pl.checkpoint import RunCheckpoint, read_checkpoint
+from tinygpt_pl.checkpoint import AtomicCheckpointIO, RunCheckpoint, newest_intact_checkpoint, read_checkpoint
 from tinygpt_pl.data import DEFAULT_SEED, TextDataModule
-from tinygpt_pl.errors import UsageError, exit_on_bad_input
+from tinygpt_pl.errors import RunStopped, UsageError, exit_on_bad_input
 from tinygpt_pl.fsdp import fsdp_strategy
+from tinygpt_pl.interrupt import GracefulStop
 from tinygpt_pl.module import GPTModule
+from tinygpt_pl.runlock import RunLock
+from tinygpt_pl.signals import exit_if_stopped_while_starting, is_global_rank_zero
 from tinygpt_pl.throughput import ThroughputMonitor
+from tinygpt_pl.versions import warn_if_untested_lightning
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,9 @@ def accumulation(global_batch_size: int | None, world_size: int, batch_size: int
 
 
 class TrainCLI(LightningCLI):
-    def __init__(self, args: list[str] | None = None) -> None:
+    def __init__(self, args: list[str] | None = None, stop: GracefulStop | None = None) -> None:
+        self.stop = stop or GracefulStop()
+        self.lock: RunLock | None = None
         super().__init__(
             GPTModule,
             TextDataModule,
@@ -118,7 +128,9 @@ class TrainCLI(LightningCLI):
             run=False,
             args=args,
             parser_kwargs={"exit_on_error": False},  # bad options become one line (exit_on_bad_input)
-            trainer_defaults={"callbacks": [ThroughputMonitor()]},
+            # a requeued SLURM job logs to the same version_<job id> folder: its config.yaml is the same run's
+            save_config_kwargs={"overwrite": requeued_slurm_job()},
+            trainer_defaults={"callbacks": [ThroughputMonitor(), self.stop]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -165,8 +177,31 @@ class TrainCLI(LightningCLI):
             f"global batch: {world_size * config.data.batch_size * self.accumulate} sequences "
             f"= {world_size} devices x {config.data.batch_size} x {self.accumulate} accumulated"
         )
-        config.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(config.checkpoint.dirpath))
-        check_resume(config.ckpt_path, trainer.strategy)
+        if is_global_rank_zero():
+            self.lock = RunLock(root)
+        with self.abandoned_on_error():
+            ckpt_dir = Path(config.checkpoint.dirpath)
+            if config.ckpt_path is None and requeued_slurm_job() and (ckpt_dir / "last.ckpt").exists():
+                rank_zero_info(f"SLURM started this job again: resuming from {ckpt_dir / 'last.ckpt'}")
+                config.ckpt_path = "last"
+            config.ckpt_path = resolve_ckpt_path(config.ckpt_path, ckpt_dir)
+            check_resume(config.ckpt_path, trainer.strategy)
+
+    def instantiate_classes(self) -> None:
+        with self.abandoned_on_error():
+            super().instantiate_classes()
+        # checkpoints written whole or not at all; a deleted checkpoint folder stops the run (after its save)
+        self.trainer.strategy.checkpoint_io = AtomicCheckpointIO(self.stop.request_stop)
+
+    @contextmanager
+    def abandoned_on_error(self) -> Iterator[None]:
+        """A run that fails before it starts releases its run folder, and leaves none behind if it made it."""
+        try:
+            yield
+        except BaseException:
+            if self.lock is not None:
+                self.lock.abandon()
+            raise
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the derived accumulation (passed here, so the saved config.yaml keeps what was asked)."""
@@ -207,13 +242,27 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return ckpt_path
 
 
+def requeued_slurm_job() -> bool:
+    """Whether SLURM started this job again after a requeue (sbatch --requeue; see interrupt.requeue_slurm_job)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
+
+
 def check_resume(ckpt_path: str | None, strategy: str) -> None:
     """The checkpoint to resume must be a readable training checkpoint; with FSDP, one that FSDP saved. (Lightning's
     FSDP maps a checkpoint's optimizer state to parameters in model order, which is FSDP's own order but not that of
     DDP or one-device runs, whose optimizer puts the weight-decayed parameters first.)"""
     if ckpt_path is None:
         return
-    checkpoint = read_checkpoint(ckpt_path, mmap=True)  # the tensors stay on disk
+    try:
+        checkpoint = read_checkpoint(ckpt_path, mmap=True)  # the tensors stay on disk
+    except UsageError:
+        path = Path(ckpt_path)
+        if (intact := newest_intact_checkpoint(path.parent, skip=path)) is None:
+            raise
+        raise UsageError(
+            f"{ckpt_path} is damaged (truncated or not a checkpoint): the newest intact checkpoint of this run is "
+            f"{intact[0]} (step {intact[1]}): resume with --ckpt_path {intact[0]}"
+        ) from None
     if "loops" not in checkpoint or TextDataModule.__qualname__ not in checkpoint:
         raise UsageError(f"--ckpt_path {ckpt_path} is not a checkpoint of a train.py run: pass a .ckpt that one wrote")
     if strategy == "fsdp" and not checkpoint.get("fsdp"):
@@ -223,9 +272,35 @@ def check_resume(ckpt_path: str | None, strategy: str) -> None:
         )
 
 
+def say(line: str) -> None:
+    """One line on stderr from the run's first process (after SIGHUP, perhaps to nowhere)."""
+    if rank_zero_only.rank == 0:
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:
+            pass
+
+
 @exit_on_bad_input
 def main(args: list[str] | None = None) -> None:
+    exit_if_stopped_while_starting()
+    if is_global_rank_zero():
+        warn_if_untested_lightning()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    cli = TrainCLI(args)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    stop = GracefulStop()
+    cli = TrainCLI(args, stop)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    except BaseException as e:
+        if cli.trainer.strategy.launcher is not None:
+            cli.trainer.strategy.launcher.kill(signal.SIGKILL)  # Lightning's DDP processes would wait for this one
+        if not isinstance(e, RunStopped):
+            raise
+        say(f"error: {e}")
+        sys.exit(e.exit_code)
+    trainer = cli.trainer
+    finished = 0 < trainer.max_steps <= trainer.global_step  # a signal after the last step changes nothing
+    if stop.exit_code > 128 and not finished or stop.exit_code == 1:
+        say(stop.summary(trainer.global_step))
+        sys.exit(stop.exit_code)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.prepare import check_token_file, open_tokens, read_sidecar, sha256_of, token_dtype, tokenize_to_file
+from tinygpt_pl.signals import ignore_signals
 from tinygpt_pl.sources import load_hub, load_local, local_files, source_key
 from tinygpt_pl.tokenizer import CharTokenizer, get_tokenizer, padded_vocab_size, tokenizer_from_state
 
@@ -305,6 +306,7 @@ class TextDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_signals,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -14,6 +14,13 @@ class UsageError(Exception):
     """Bad input from the user: the message says what was wrong and what to do."""
 
 
+class RunStopped(Exception):
+    """A fault that ends a run that had started (a diverged loss, a full disk): the message says what happened, what
+    was kept and what to do; the command prints it as one line and exits with exit_code."""
+
+    exit_code = 1
+
+
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.model import GPT, GPTConfig
+from tinygpt_pl.nonfinite import NonFiniteGuard
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
 
@@ -37,9 +38,14 @@ class GPTModule(L.LightningModule):
         betas: AdamW's betas.
         sample_tokens: length of the text sample logged to TensorBoard at each validation (0: none).
         compile: torch.compile the GPT (in place, so checkpoint keys stay those of the plain model).
+        skip_nonfinite_steps: skip a step whose gradients are inf or nan (counted in train/skipped_steps) instead of
+            stopping the run; it still stops after max_skips_in_a_row such steps in a row. See nonfinite.py.
+        max_skips_in_a_row: how many skipped steps in a row end the run.
 
     Nothing in a training step waits for the GPU: train/loss, lr and grad_norm are logged only on the steps that log
-    (every trainer.log_every_n_steps), and train/loss is then the mean over the whole global batch.
+    (every trainer.log_every_n_steps), and train/loss is then the mean over the whole global batch. A loss or gradient
+    norm that turns non-finite is caught on the device and stops the run before any checkpoint or sample is made from
+    non-finite weights (nonfinite.py).
     """
 
     def __init__(
@@ -59,6 +65,8 @@ class GPTModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.99),
         sample_tokens: int = 200,
         compile: bool = False,
+        skip_nonfinite_steps: bool = False,
+        max_skips_in_a_row: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -71,6 +79,9 @@ class GPTModule(L.LightningModule):
         if compile:
             self.model.compile()  # compiles the module's call, not a wrapper: no "_orig_mod." in its state_dict
         self.val_loss = MeanMetric()
+        if max_skips_in_a_row < 1:
+            raise UsageError(f"--model.max_skips_in_a_row must be >= 1, got {max_skips_in_a_row}")
+        self.guard = NonFiniteGuard(skip_nonfinite_steps, max_skips_in_a_row)
         self.step_losses: list[torch.Tensor] = []  # the micro-batch losses of a logging step, kept on the device
 
     def logs_this_step(self) -> bool:
@@ -82,6 +93,7 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
+        self.guard.observe_loss(loss.detach())
         if self.logs_this_step():
             self.step_losses.append(loss.detach())
             if len(self.step_losses) == self.trainer.accumulate_grad_batches:
@@ -98,14 +110,24 @@ class GPTModule(L.LightningModule):
         if batch_idx == 0:
             self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
+    def on_train_start(self) -> None:
+        self.guard.reset(self.device)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The gradient norm of the whole model (before clipping), on the steps that log."""
-        if not self.logs_this_step():
-            return
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+        """The gradient norm of the whole model (before clipping), for the divergence guard and for clipping at every
+        step, logged on the steps that log."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.grad_norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
-            norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
-        self.log("grad_norm", norm)
+            self.grad_norm = self.trainer.strategy.reduce(self.grad_norm.square(), reduce_op="sum").sqrt()
+        found_inf = self.guard.observe_step(self.grad_norm, self.global_step + 1)
+        if found_inf is not None:
+            optimizer.found_inf = found_inf  # the fused AdamW step does nothing where it is 1
+        if self.logs_this_step():
+            self.log("grad_norm", self.grad_norm)
+            if self.guard.skip:
+                self.log("train/skipped_steps", self.guard.skipped_steps().float())
+            self.guard.check(self.trainer)
 
     def configure_gradient_clipping(
         self,
@@ -113,11 +135,16 @@ class GPTModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Under FSDP, clip by FSDP's own norm over all shards (Lightning's clipping by norm refuses FSDP)."""
-        if gradient_clip_val and gradient_clip_algorithm != "value" and isinstance(self.trainer.strategy, FSDPStrategy):
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        """Clip by the norm computed for this step (over all shards under FSDP, where Lightning's clipping by norm
+        refuses to run) instead of computing it again."""
+        if gradient_clip_val and gradient_clip_algorithm != "value":
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, self.grad_norm)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.guard.check(self.trainer)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -162,9 +189,9 @@ class GPTModule(L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=self.device.type == "cuda"
-        )
+        # fused: one kernel per step on GPUs; also the only AdamW that can skip a step on the device (found_inf)
+        fused = self.device.type == "cuda" or hp.skip_nonfinite_steps
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
         decay_steps = hp.lr_decay_steps or self.trainer.max_steps
         if decay_steps <= 0:
             raise UsageError("the cosine schedule needs an end: set --trainer.max_steps or --model.lr_decay_steps")
@@ -176,9 +203,13 @@ class GPTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.check(self.trainer)  # a diverged run stops here, before the file is written
         checkpoint["fsdp"] = isinstance(self.trainer.strategy, FSDPStrategy)  # see cli.check_resume
+        if self.guard.skip:
+            checkpoint["skipped_steps"] = int(self.guard.skipped_steps())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.skipped_before = checkpoint.get("skipped_steps", 0)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
             # Lightning restores the data after the model: check the tokenizer first, it explains a vocab_size change
