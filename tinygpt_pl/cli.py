@@ -28,7 +28,7 @@ from tinygpt_pl.fsdp import fsdp_strategy
 from tinygpt_pl.interrupt import GracefulStop
 from tinygpt_pl.module import GPTModule
 from tinygpt_pl.runlock import RunLock
-from tinygpt_pl.signals import exit_if_stopped_while_starting, is_global_rank_zero
+from tinygpt_pl.signals import at_abort, is_global_rank_zero
 from tinygpt_pl.throughput import ThroughputMonitor
 from tinygpt_pl.versions import warn_if_untested_lightning
 
@@ -190,6 +190,7 @@ class TrainCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         with self.abandoned_on_error():
             super().instantiate_classes()
+        at_abort(self.kill_other_processes)  # a signal before the first step ends this one at once
         # checkpoints written whole or not at all; a deleted checkpoint folder stops the run (after its save)
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO(self.stop.request_stop)
 
@@ -202,6 +203,11 @@ class TrainCLI(LightningCLI):
             if self.lock is not None:
                 self.lock.abandon()
             raise
+
+    def kill_other_processes(self) -> None:
+        """Lightning's other DDP processes, which would wait for this one in vain."""
+        if self.trainer.strategy.launcher is not None:
+            self.trainer.strategy.launcher.kill(signal.SIGKILL)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the derived accumulation (passed here, so the saved config.yaml keeps what was asked)."""
@@ -283,7 +289,6 @@ def say(line: str) -> None:
 
 @exit_on_bad_input
 def main(args: list[str] | None = None) -> None:
-    exit_if_stopped_while_starting()
     if is_global_rank_zero():
         warn_if_untested_lightning()
     if torch.cuda.is_available():
@@ -293,8 +298,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     except BaseException as e:
-        if cli.trainer.strategy.launcher is not None:
-            cli.trainer.strategy.launcher.kill(signal.SIGKILL)  # Lightning's DDP processes would wait for this one
+        cli.kill_other_processes()
         if not isinstance(e, RunStopped):
             raise
         say(f"error: {e}")

@@ -18,7 +18,6 @@ from lightning.pytorch.callbacks import Callback
 
 from tinygpt_pl.signals import (
     detach_from_terminal,
-    exit_if_stopped_while_starting,
     install,
     is_global_rank_zero,
     requeue_slurm_job,
@@ -58,7 +57,6 @@ class GracefulStop(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # also replaces the SIGTERM handler that Lightning put in when fit started, which ends the run at the next
         # micro-batch with exit status 0 and no checkpoint (no public switch turns it off)
-        exit_if_stopped_while_starting()
         self.trainer, self.last_step = trainer, trainer.global_step
         install(self._handle)
 

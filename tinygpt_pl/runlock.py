@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from tinygpt_pl.errors import UsageError
+from tinygpt_pl.signals import at_abort
 
 LOCK_NAME = ".lock"
 
@@ -33,9 +34,13 @@ class RunLock:
                 f"another train.py is running in {root} (it holds {root / LOCK_NAME}): wait for it to end, "
                 "or pass another --trainer.default_root_dir"
             ) from None
+        at_abort(self.abandon)
 
     def abandon(self) -> None:
         """The run did not start: release the lock, and remove the run folder if this process made it."""
+        if self.fd is None:
+            return
         if self.created and [p.name for p in self.root.iterdir()] == [LOCK_NAME]:
             shutil.rmtree(self.root)
         os.close(self.fd)
+        self.fd = None

@@ -2,15 +2,15 @@
 dropped SSH session), outside the training loop. Standard library only: train.py installs stop_while_starting before
 it imports torch. From the first training step on, interrupt.GracefulStop handles them."""
 
+import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
-received_while_starting: int | None = None
+cleanups: list[Callable[[], None]] = []  # see at_abort
 
 
 def install(handler: Callable[[int, Any], None]) -> None:
@@ -18,23 +18,24 @@ def install(handler: Callable[[int, Any], None]) -> None:
         signal.signal(signum, handler)
 
 
+def at_abort(cleanup: Callable[[], None]) -> None:
+    """Have stop_while_starting call cleanup before it ends the process."""
+    cleanups.append(cleanup)
+
+
 def stop_while_starting(signum: int, frame: Any) -> None:
     """Before the first training step a signal ends the process at once (exit status 128 + its number): there is
-    nothing new to save. The exit unwinds, so the run folder is released; later signals change nothing."""
-    global received_while_starting
+    nothing new to save. It ends without unwinding, since an exception raised from here can surface inside torch's
+    C++ code, which aborts: the at_abort cleanups run first. Later signals change nothing."""
     install(lambda *_: None)
-    received_while_starting = signum
+    for cleanup in reversed(cleanups):
+        with contextlib.suppress(Exception):
+            cleanup()
     if is_global_rank_zero():
         name = signal.Signals(signum).name
         line = f"stopped by {name} before the first training step (nothing new to save): run the same command again"
         os.write(2, f"\n{line}\n".encode())  # a print could be the one this signal interrupted
-    exit_if_stopped_while_starting()
-
-
-def exit_if_stopped_while_starting() -> None:
-    """Exit if stop_while_starting ran: also where a bare `except:` on the way swallowed its exit."""
-    if received_while_starting is not None:
-        sys.exit(128 + received_while_starting)
+    os._exit(128 + signum)
 
 
 def ignore_signals(worker_id: int) -> None:
