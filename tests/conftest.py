@@ -44,6 +44,20 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path
     return path
 
 
+STARTED: list[subprocess.Popen] = []  # processes a test started and left running (see test_interrupt.start)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_running():
+    """A test that fails before its train.py ends kills it, so that it does not train on beside the next tests."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def run_script(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, capturing its output."""
     return subprocess.run(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, train
+from conftest import ROOT, STARTED, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_scale import DDP, assert_close, scalars
 
@@ -29,15 +29,16 @@ def command(root: Path, corpus: Path, *args: str) -> list[str]:
 
 
 def start(root: Path, corpus: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """command() started; its stderr goes to a file beside root."""
-    log = open(root.with_name(root.name + ".stderr"), "w+")  # noqa: SIM115 (read and closed by finish)
-    proc = subprocess.Popen(command(root, corpus, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    """command() started; its output goes to a file beside root."""
+    log = open(root.with_name(root.name + ".log"), "w+")  # noqa: SIM115 (read and closed by finish)
+    proc = subprocess.Popen(command(root, corpus, *args), cwd=ROOT, stdout=log, stderr=log, env=env)
     proc.log = log
+    STARTED.append(proc)
     return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    """Wait for the process; its stderr."""
+    """Wait for the process; its output."""
     proc.wait(timeout=timeout)
     with proc.log as log:
         log.seek(0)
@@ -196,3 +197,19 @@ def test_slurm_requeues_the_job_on_sigusr1_and_the_requeued_job_resumes_by_itsel
     # Lightning names the log folder after the job: both parts of the run log there, each step once
     logged = EventAccumulator(str(root / "lightning_logs" / "version_4242")).Reload().Scalars("train/loss")
     assert sorted(e.step for e in logged) == list(range(STEPS)) and step < STEPS
+
+
+def test_a_signal_during_a_validation_stops_after_it_with_its_checkpoint(tmp_path, corpus) -> None:
+    """The full corpus validates in 436 batches: SIGTERM once the first validation is under way (the progress bar
+    says so) stops the run at that validation's step, saved by it."""
+    root = tmp_path / "run"
+    proc = start(root, corpus, "--trainer.enable_progress_bar", "true")
+    deadline = time.monotonic() + 120
+    while "Validation DataLoader 0:" not in root.with_name(root.name + ".log").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "no validation began"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    stderr = finish(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "received SIGTERM during the validation after step 10" in stderr
+    assert assert_stopped(stderr, signal.SIGTERM, root) == 10

@@ -249,7 +249,7 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
 
 
 def requeued_slurm_job() -> bool:
-    """Whether SLURM started this job again after a requeue (sbatch --requeue; see interrupt.requeue_slurm_job)."""
+    """Whether SLURM started this job again after a requeue (sbatch --requeue; see signals.requeue_slurm_job)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
 
 
@@ -305,6 +305,6 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     trainer = cli.trainer
     finished = 0 < trainer.max_steps <= trainer.global_step  # a signal after the last step changes nothing
-    if stop.exit_code > 128 and not finished or stop.exit_code == 1:
+    if (stop.exit_code > 128 and not finished) or stop.exit_code == 1:
         say(stop.summary(trainer.global_step))
         sys.exit(stop.exit_code)
