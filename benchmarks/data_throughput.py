@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from multiprocessing import Pool
 from pathlib import Path
@@ -197,7 +197,7 @@ def main() -> None:
     print(table)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     section = (
-        f"\n## Data throughput ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
+        f"\n## Data throughput ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
         f"Machine: {platform.node()}, {cpu or platform.processor()}, {os.cpu_count()} CPUs, "
         f"--num-proc {args.num_proc}. "
         f"Python {platform.python_version()}, tiktoken {version('tiktoken')}, datasets {version('datasets')}, "
