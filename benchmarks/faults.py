@@ -2,7 +2,7 @@
 
 Two parts, each against an uninterrupted run of the same command:
 
-1. SIGKILL: `--kills` trials of a short CPU-recipe run (`--steps` steps, a checkpoint every 10 steps). Each trial
+1. SIGKILL: `--kills` trials of a short CPU-recipe run (`--steps` steps, validated and saved every 25). Each trial
    kills train.py with SIGKILL once, at a moment drawn at random: half of the trials at a random time of the run,
    half at the start of a randomly drawn checkpoint write (the moment its temporary file appears). The run is then
    resumed with `--ckpt_path last` (started again if no checkpoint existed yet) to its end, and its final val/loss and
@@ -48,8 +48,9 @@ def final_val_loss(root: Path) -> float:
 
     last = {}
     for events in sorted(root.glob("lightning_logs/version_*/events.out.tfevents.*")):
-        for e in EventAccumulator(str(events)).Reload().Scalars("val/loss"):
-            last[e.step] = e.value
+        accumulator = EventAccumulator(str(events)).Reload()
+        if "val/loss" in accumulator.Tags()["scalars"]:  # a part killed before its first validation has none
+            last.update((e.step, e.value) for e in accumulator.Scalars("val/loss"))
     return last[max(last)]
 
 
@@ -73,14 +74,14 @@ def kill_at(cmd: list[str], log: Path, root: Path, seconds: float | None, write:
     folder = root / "checkpoints"
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    start, writes, seen = time.perf_counter(), 0, set()
+    start, writes, present = time.perf_counter(), 0, set()
     while proc.poll() is None:
         if seconds is not None and time.perf_counter() - start >= seconds:
             break
         if write is not None and folder.is_dir():
-            new = {p.name for p in os.scandir(folder) if p.name.endswith(".tmp")} - seen
-            seen |= new
-            writes += len(new)
+            now = {p.name for p in os.scandir(folder) if p.name.endswith(".tmp")}
+            writes += len(now - present)  # temporary files that appeared since the last look: writes that began
+            present = now
             if writes >= write:
                 break
         time.sleep(0.0005)
@@ -94,22 +95,21 @@ def kill_at(cmd: list[str], log: Path, root: Path, seconds: float | None, write:
 
 
 def sigkill_trials(data_path: str, kills: int, steps: int, rng: random.Random, tmp: Path) -> list[str]:
-    short = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", "50",
-             "--checkpoint.every_n_train_steps", "10", "--model.sample_tokens", "0"]  # fmt: skip
+    short = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", "25", "--model.sample_tokens", "0"]
     reference = tmp / "reference"
     start = time.perf_counter()
     if run(command(reference, data_path, *short), tmp / "reference.log"):
         sys.exit(f"the uninterrupted run failed: see {tmp / 'reference.log'}")
     duration = time.perf_counter() - start
     expected = final_val_loss(reference)
-    saves = steps // 10 + steps // 50  # every 10 steps, plus best and last at each validation (upper bound)
+    saves = 2 * (steps // 25)  # best and last at each validation
     rows = []
     for i in range(kills):
         root, log = tmp / f"trial-{i}", tmp / f"trial-{i}.log"
         if i % 2 == 0:
             what = kill_at(command(root, data_path, *short), log, root, rng.uniform(0.1, 1.0) * duration, None)
         else:
-            what = kill_at(command(root, data_path, *short), log, root, None, rng.randint(1, saves // 2))
+            what = kill_at(command(root, data_path, *short), log, root, None, rng.randint(1, saves))
         at = saved_step(root)
         resume = ["--ckpt_path", "last"] if at is not None else []
         status = run(command(root, data_path, *short, *resume), log)
@@ -121,7 +121,7 @@ def sigkill_trials(data_path: str, kills: int, steps: int, rng: random.Random, t
         print(rows[-1], flush=True)
     exact = sum("| yes |" in r for r in rows)
     return [
-        f"Part 1, SIGKILL: {steps} steps of the CPU recipe, val every 50, a checkpoint every 10 steps; the "
+        f"Part 1, SIGKILL: {steps} steps of the CPU recipe, validated and saved (best, last) every 25 steps; the "
         f"uninterrupted run took {duration:.1f} s and ended at val/loss {expected:.6f}.",
         "",
         "| trial | killed | last.ckpt step after the kill | resumed run's exit status | final val/loss "
