@@ -82,6 +82,7 @@ def misbehaving_worker(rank: int, world: int, port: int) -> Iterator[Result]:
     os._exit(3)
 
 
+@pytest.mark.slow  # waits out a 15 s time-out
 def test_workers_that_hang_or_die_fail_and_are_reaped() -> None:
     """A worker that dies, or hangs past the deadline (then it is killed), fails the checks it did not report;
     no process is left behind."""

@@ -138,7 +138,14 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_one_step_and_they_resume_exactly(
     assert_resumes_exactly(root, small_corpus, uninterrupted, step, *DDP)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR1], ids=lambda s: s.name)
+SLOW = pytest.mark.slow  # the same path as SIGINT's (SIGUSR1 also runs in the SLURM test)
+
+
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGINT, pytest.param(signal.SIGHUP, marks=SLOW), pytest.param(signal.SIGUSR1, marks=SLOW)],
+    ids=lambda s: s.name,
+)
 def test_each_stop_signal_saves_its_step_and_a_second_one_changes_nothing(tmp_path, small_corpus, signum) -> None:
     root = tmp_path / "run"
     proc = start(root, small_corpus, "--checkpoint.every_n_train_steps", "1")  # a save at every step: the second signal
@@ -200,10 +207,10 @@ def test_slurm_requeues_the_job_on_sigusr1_and_the_requeued_job_resumes_by_itsel
 
 
 def test_a_signal_during_a_validation_stops_after_it_with_its_checkpoint(tmp_path, corpus) -> None:
-    """The full corpus validates in 436 batches: SIGTERM once the first validation is under way (the progress bar
-    says so) stops the run at that validation's step, saved by it."""
+    """The full corpus validates in 150 batches here: SIGTERM once the first validation is under way (the progress
+    bar says so) stops the run at that validation's step, saved by it."""
     root = tmp_path / "run"
-    proc = start(root, corpus, "--trainer.enable_progress_bar", "true")
+    proc = start(root, corpus, "--trainer.enable_progress_bar", "true", "--trainer.limit_val_batches", "150")
     deadline = time.monotonic() + 120
     while "Validation DataLoader 0:" not in root.with_name(root.name + ".log").read_text():
         assert proc.poll() is None and time.monotonic() < deadline, "no validation began"

@@ -126,6 +126,7 @@ def test_val_loss_is_the_same_on_any_number_of_processes(tmp_path: Path, small_c
     assert scalars(tmp_path / "one", "val/loss")[0] == pytest.approx(scalars(tmp_path / "two", "val/loss")[0], rel=1e-6)
 
 
+@pytest.mark.slow  # torch.compile on 2 CPU cores: about a minute
 def test_compiled_and_plain_checkpoints_resume_into_each_other(tmp_path: Path, small_corpus: Path) -> None:
     """An uncompiled run resumed compiled, then that checkpoint resumed uncompiled, ends where an uncompiled run
     of the same steps ends; no checkpoint holds torch.compile's "_orig_mod." keys."""
