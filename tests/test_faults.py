@@ -63,6 +63,7 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were() -> Non
         assert torch.equal(optimizer.state[weight][key], value), key
 
 
+@pytest.mark.slow  # the run diverging after checkpoints below takes the same path
 def test_a_diverging_run_stops_in_one_line_and_writes_no_nonfinite_checkpoint(tmp_path, small_corpus) -> None:
     """The debug run at lr 1000 without clipping (which crashed in the text sample at its first validation) stops
     at the first check after its loss went non-finite, with one line naming the step; no checkpoint was written."""
@@ -188,6 +189,7 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_and_a_killed_runs_lock_ne
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow  # the lock's refusal is tested against a live run above
 def test_two_runs_started_together_in_one_folder_one_runs_and_one_is_refused(tmp_path, small_corpus) -> None:
     command = train_command(tmp_path, small_corpus, "--model.sample_tokens", "0")
     both = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -80,6 +80,7 @@ def test_ddp_on_two_processes_equals_one_process_and_resumes_in_one(
     assert_resumes(tmp_path, one_process, small_corpus)
 
 
+@pytest.mark.slow  # test_interrupt resumes step-end saves, with accumulation, every step compared
 def test_resumes_from_checkpoints_written_at_a_step_end_and_at_the_run_end(
     tmp_path: Path, small_corpus: Path, one_process: Path
 ) -> None:

@@ -44,6 +44,7 @@ def test_a_moved_run_resumes_and_goes_on_managing_its_checkpoints(tmp_path, corp
     assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
+@pytest.mark.slow  # test_interrupt resumes a run stopped mid-way and compares every step
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, corpus):
     schedule = ["--model.lr_decay_steps", "20"]
     assert train(tmp_path / "whole", corpus, *schedule).returncode == 0
