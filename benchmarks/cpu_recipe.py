@@ -81,14 +81,17 @@ def run_timed(cmd: list[str], log: Path) -> float:
 
 
 def project_val_losses(root_dir: Path) -> dict[int, float]:
-    """val/loss by number of optimizer steps done, from the TensorBoard events of the train.py run in root_dir
-    (Lightning logs a validation under the 0-based index of the step before it, hence the + 1)."""
+    """val/loss by number of optimizer steps done, from the TensorBoard events of the train.py run in root_dir, over
+    all its parts if it was resumed (Lightning logs a validation under the 0-based index of the step before it, hence
+    the + 1)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = root_dir.glob("lightning_logs/version_*/events.out.tfevents.*")
-    acc = EventAccumulator(str(events))
-    acc.Reload()
-    return {e.step + 1: e.value for e in acc.Scalars("val/loss")}
+    losses = {}
+    for events in sorted(root_dir.glob("lightning_logs/version_*/events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events)).Reload()
+        if "val/loss" in accumulator.Tags()["scalars"]:  # a part stopped before its first validation has none
+            losses.update((e.step + 1, e.value) for e in accumulator.Scalars("val/loss"))
+    return losses
 
 
 def plain_val_losses(log: Path) -> dict[int, float]:

@@ -27,7 +27,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from cpu_recipe import DEFAULT_RESULTS, REPO, machine
+from cpu_recipe import DEFAULT_RESULTS, REPO, machine, project_val_losses
+
+from tinygpt_pl.checkpoint import checkpoint_step
 
 CONFIG = REPO / "configs" / "shakespeare_char_cpu.yaml"
 
@@ -43,15 +45,9 @@ def run(cmd: list[str], log: Path) -> int:
 
 
 def final_val_loss(root: Path) -> float:
-    """val/loss of the run's last validation, over the TensorBoard logs of all its parts."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    last = {}
-    for events in sorted(root.glob("lightning_logs/version_*/events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events)).Reload()
-        if "val/loss" in accumulator.Tags()["scalars"]:  # a part killed before its first validation has none
-            last.update((e.step, e.value) for e in accumulator.Scalars("val/loss"))
-    return last[max(last)]
+    """val/loss of the run's last validation, over all its parts."""
+    losses = project_val_losses(root)
+    return losses[max(losses)]
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
@@ -63,10 +59,8 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 
 def saved_step(root: Path) -> int | None:
-    import torch
-
     path = root / "checkpoints" / "last.ckpt"
-    return torch.load(path, weights_only=True)["global_step"] if path.exists() else None
+    return checkpoint_step(path) if path.exists() else None
 
 
 def kill_at(cmd: list[str], log: Path, root: Path, seconds: float | None, write: int | None) -> str:
