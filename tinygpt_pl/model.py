@@ -3,14 +3,27 @@
 Reading order follows the lecture: token + position embeddings (the bigram model's lookup table grown up),
 causal multi-head self-attention, the feed-forward layer, the residual Block with pre-LayerNorm, and the
 GPT that stacks Blocks and predicts the next token.
+
+The defaults build nanoGPT's GPT exactly. Options choose other modules when the model is built, never branches in
+the forward pass:
+- the lecture's earlier stages (configs/lecture/): no position embeddings, blocks without residual connections
+  (and so without output projections, with a 1x feed-forward), no feed-forward, no LayerNorm;
+- GPT-2's own arithmetic (activation "gelu_tanh"), for its weights (convert.py);
+- the modern recipe of the GPT-2 speedruns (configs/shakespeare_char_cpu_modern.yaml): rotary positions, RMSNorm,
+  QK-norm, ReLU², an untied head, zero-initialised output projections, logit soft-capping.
 """
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2")
+POSITION_EMBEDDINGS = ("learned", "rotary", "none")
+NORMS = ("layernorm", "rmsnorm", "none")
 
 
 @dataclass
@@ -22,6 +35,100 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = False  # biases in Linear and LayerNorm layers; False is a little faster and as good
+    activation: str = "gelu"  # the feed-forward's: gelu (exact), gelu_tanh (GPT-2's), relu (the lecture's), relu2
+    # the lecture's stages: what the model had before each step of the lecture added it
+    pos_emb: str = "learned"  # learned (GPT-2), rotary (rotates q and k by position), none
+    feed_forward: bool = True
+    residual: bool = True  # residual connections, each branch ending in a projection; the feed-forward 4x wide
+    norm: str = "layernorm"  # pre-norm before each branch and the head: layernorm, rmsnorm, none
+    # the modern recipe's options
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    tie_weights: bool = True  # the token embedding and the LM head share one matrix
+    zero_init_proj: bool = False  # residual branches' output projections start at zero: each Block starts as identity
+    logit_softcap: float | None = None  # logits = c * tanh(logits / c)
+
+    def __post_init__(self) -> None:
+        """Refuses, in one line each, option values and combinations that build no model of the lecture or recipe."""
+        for name, allowed in (("activation", ACTIVATIONS), ("pos_emb", POSITION_EMBEDDINGS), ("norm", NORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: choose n_embd as a multiple of n_head"
+            )
+        if self.pos_emb == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rotary positions rotate pairs of features: head size {self.n_embd // self.n_head} is odd")
+        if self.residual and not self.feed_forward:
+            raise ValueError("residual connections come with the feed-forward in the lecture: set feed_forward true")
+        if not self.residual and self.norm != "none":
+            raise ValueError("normalisation comes after residual connections in the lecture: set norm none")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"logit_softcap must be > 0, got {self.logit_softcap}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache(Protocol):
+    """One layer's keys and values of the positions already seen (generate.py): generation feeds one new token."""
+
+    length: int  # positions cached before this call
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, n_head, T, head_size); return the keys and values of every position so far."""
+        ...
+
+
+def make_norm(config: GPTConfig, size: int) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(size, bias=config.bias)
+    return nn.RMSNorm(size) if config.norm == "rmsnorm" else nn.Identity()
+
+
+class ReLUSquared(nn.Module):
+    """relu(x)²: as good as GELU in the GPT-2 speedruns, and cheaper (Primer, So et al. 2021)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+def make_activation(name: str) -> nn.Module:
+    return {
+        "gelu": nn.GELU(),
+        "gelu_tanh": nn.GELU(approximate="tanh"),
+        "relu": nn.ReLU(),
+        "relu2": ReLUSquared(),
+    }[name]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer): turns each pair of a head's features by an angle proportional to the
+    position, so that a query-key product depends only on how far apart the two tokens are."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0) -> None:
+        super().__init__()
+        frequencies = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)  # (block_size, head_size/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x (B, n_head, T, head_size) at positions start .. start + T - 1, rotated."""
+        cos, sin = self.cos[start : start + x.size(2)], self.sin[start : start + x.size(2)]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class SoftCap(nn.Module):
+    """cap * tanh(logits / cap): logits stay within (-cap, cap), smoothly (Gemma 2, the GPT-2 speedruns)."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(logits / self.cap)
 
 
 class CausalSelfAttention(nn.Module):
@@ -29,40 +136,58 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        if config.n_embd % config.n_head != 0:
-            raise ValueError(
-                f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}: "
-                "choose n_embd as a multiple of n_head"
-            )
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # the heads' concatenation projected back into the residual stream (the lecture adds it with residuals)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if config.residual else nn.Identity()
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = nn.RMSNorm(config.head_size, elementwise_affine=False) if config.qk_norm else nn.Identity()
+        self.rotary = RotaryEmbedding(config.head_size, config.block_size) if config.pos_emb == "rotary" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # softmax(q @ k^T / sqrt(head_size), masked to the past) @ v; fused (flash) kernels where available
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        q, k = self.qk_norm(q), self.qk_norm(k)
+        start = cache.length if cache is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        # softmax(q @ k^T / sqrt(head_size), masked to the past) @ v; fused (flash) kernels where available.
+        # The scale keeps the scores' variance near 1, so softmax stays diffuse at initialisation instead of
+        # converging to one-hot (lecture: "scaled attention").
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=past_mask(T, k.size(2), x.device), dropout_p=dropout,
+                                           is_causal=T == k.size(2) and T > 1)  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads
         return self.resid_dropout(self.c_proj(y))
 
 
+def past_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor | None:
+    """Which keys each of the last `queries` positions may see, when they are not all the positions (is_causal) nor
+    one new token (which sees them all): queries appended to a cache several at a time."""
+    if queries in (1, keys):
+        return None
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
+
+
 class FeedForward(nn.Module):
-    """Per-token computation after the tokens have communicated: a 4x wide MLP."""
+    """Per-token computation after the tokens have communicated: a 4x wide MLP (with residual connections; before
+    them, the lecture's first feed-forward is one layer as wide as the embedding)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = 4 * config.n_embd if config.residual else config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.act = make_activation(config.activation)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias) if config.residual else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -70,39 +195,56 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class PlainBlock(nn.Module):
+    """The lecture's block before residual connections: attention, then the feed-forward if there is one."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = FeedForward(config) if config.feed_forward else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.mlp(self.attn(x, cache))
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([(Block if config.residual else PlainBlock)(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config, config.n_embd),
         )
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        if config.tie_weights:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        self.softcap = SoftCap(config.logit_softcap) if config.logit_softcap else nn.Identity()
 
         # GPT-2 initialisation: N(0, 0.02), with residual projections scaled down by sqrt(2 * n_layer)
-        # so the residual stream's variance does not grow with depth.
+        # so the residual stream's variance does not grow with depth (or zero: each Block starts as the identity).
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -130,18 +272,30 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored (padding at the end of the validation split).
         """
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.logits(self.hidden_states(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The last Block's output, normalised (B, T, n_embd). With caches (one per Block), idx holds only the
+        positions after those cached."""
+        B, T = idx.shape
+        start = caches[0].length if caches else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, caches[i] if caches else None)
+        return self.transformer.ln_f(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from hidden states: generation asks only for the last position's."""
+        return self.softcap(self.lm_head(x))
 
     @torch.no_grad()
     def generate(

@@ -13,7 +13,7 @@ from tinygpt_pl.errors import UsageError
 from tinygpt_pl.model import GPT, GPTConfig
 from tinygpt_pl.nonfinite import NonFiniteGuard
 
-SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+SHAPE_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "dropout")  # what a checkpoint's weights fix
 
 
 def cosine_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
@@ -32,6 +32,8 @@ class GPTModule(L.LightningModule):
     Args:
         vocab_size, block_size: set from the data (linked by the CLI).
         n_layer, n_head, n_embd, dropout, bias: the Transformer's shape (see GPTConfig).
+        activation, pos_emb, feed_forward, residual, norm: the lecture's stages and GPT-2's GELU (see GPTConfig).
+        qk_norm, tie_weights, zero_init_proj, logit_softcap: the modern recipe's model options (see GPTConfig).
         learning_rate, min_lr, warmup_steps: the schedule's peak, floor and warm-up length.
         lr_decay_steps: the step at which the cosine reaches min_lr; default trainer.max_steps.
         weight_decay: applied to 2-D weights (matmuls, embeddings) only, not to biases and LayerNorms.
@@ -57,6 +59,15 @@ class GPTModule(L.LightningModule):
         n_embd: int = 384,
         dropout: float = 0.2,
         bias: bool = False,
+        activation: str = "gelu",
+        pos_emb: str = "learned",
+        feed_forward: bool = True,
+        residual: bool = True,
+        norm: str = "layernorm",
+        qk_norm: bool = False,
+        tie_weights: bool = True,
+        zero_init_proj: bool = False,
+        logit_softcap: float | None = None,
         learning_rate: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -70,11 +81,10 @@ class GPTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        config = GPTConfig(**{f.name: self.hparams[f.name] for f in fields(GPTConfig)})
         try:
-            self.model = GPT(config)
+            self.model = GPT(GPTConfig(**{f.name: self.hparams[f.name] for f in fields(GPTConfig)}))
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(f"--model: {e}") from None
         self.decayed = {name: p.dim() >= 2 for name, p in self.model.named_parameters()}  # matrices, not vectors
         if compile:
             self.model.compile()  # compiles the module's call, not a wrapper: no "_orig_mod." in its state_dict
