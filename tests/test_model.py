@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from tinygpt_pl.generate import Sampling, generate
 from tinygpt_pl.model import GPT, GPTConfig
 
 
@@ -85,15 +86,15 @@ def test_weights_tied_and_residual_projections_scaled():
 def test_generate_crops_context_and_respects_options():
     model = tiny().eval()
     idx = torch.zeros((2, 5), dtype=torch.long)
-    out = model.generate(idx, 30)  # grows past block_size=16
+    out = generate(model, idx, 30)  # grows past block_size=16
     assert out.shape == (2, 35) and torch.equal(out[:, :5], idx)
-    greedy = model.generate(idx, 10, top_k=1)
+    greedy = generate(model, idx, 10, Sampling(top_k=1))
     logits, _ = model(greedy[:, -11:-1])
     assert torch.equal(greedy[:, -1], logits[:, -1].argmax(-1))
-    limited = model.generate(idx, 200, vocab_limit=7, generator=torch.Generator().manual_seed(1))
+    limited = generate(model, idx, 200, vocab_limit=7, generator=torch.Generator().manual_seed(1))
     assert limited[:, 5:].max() < 7
-    a = model.generate(idx, 20, generator=torch.Generator().manual_seed(3))
-    b = model.generate(idx, 20, generator=torch.Generator().manual_seed(3))
+    a = generate(model, idx, 20, generator=torch.Generator().manual_seed(3))
+    b = generate(model, idx, 20, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
 

@@ -1,0 +1,182 @@
+"""Generation (issue 10): the key/value cache against the plain path, and serve.py against generating in process.
+
+(a) 1000 tokens sampled from a GPT-2-shaped model (random weights; 4 layers x 256, 4 heads, context 1024, GPT-2's BPE
+    vocabulary padded to 50304) on the CPU, after a one-token prompt, with the cache and without it (each step a
+    forward pass of the whole context); --repeats runs of each, alternated, the medians and their ratio.
+(b) a 100-token greedy completion of a GPT-2 of the same shape (random weights, saved by transformers'
+    save_pretrained, as the tests' stand-in for the hub) from serve.py, a real server process, timed by an HTTP client
+    from request to response; against the same Completion generated in this process. --repeats of each, alternated,
+    after one warm-up each; the medians and their ratio.
+
+It prints a table and writes it into benchmarks/results.md, replacing this benchmark's earlier section.
+
+    python benchmarks/generation.py [--repeats 3]
+"""
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from cpu_recipe import DEFAULT_RESULTS, REPO, machine
+
+from tinygpt_pl.convert import load_model
+from tinygpt_pl.generate import Completion, Sampling, stream_ids
+from tinygpt_pl.model import GPT, GPTConfig
+
+SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=1024)
+HEADING = "## Generation: KV cache and serving (benchmarks/generation.py)"
+
+
+def timed(run: Callable[..., object], *args: object) -> float:
+    """Seconds that run(*args) takes."""
+    start = time.perf_counter()
+    run(*args)
+    return time.perf_counter() - start
+
+
+def cache_vs_plain(tokens: int, repeats: int) -> dict[str, float]:
+    """Seconds (medians) to sample `tokens` tokens with and without the cache."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50304, dropout=0.0, **SHAPE)).eval()
+    start = torch.tensor([[50256]])  # <|endoftext|>: a document's start
+
+    def sample(kv_cache: bool) -> None:
+        generator = torch.Generator().manual_seed(0)
+        ids = list(stream_ids(model, start, tokens, vocab_limit=50257, kv_cache=kv_cache, generator=generator))
+        assert len(ids) == tokens
+
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for kv_cache in times:
+            times[kv_cache].append(timed(sample, kv_cache))
+            print(f"  {tokens} tokens, kv_cache={kv_cache}: {times[kv_cache][-1]:.2f} s", flush=True)
+    return {"cache": statistics.median(times[True]), "plain": statistics.median(times[False])}
+
+
+def gpt2_folder(path: Path) -> None:
+    """A randomly initialised transformers GPT-2 of SHAPE, as save_pretrained writes it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], n_embd=SHAPE["n_embd"],
+                        n_positions=SHAPE["block_size"])  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(path)
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def server_vs_in_process(folder: Path, tokens: int, repeats: int) -> dict[str, float]:
+    """Seconds (medians) for a greedy completion of `tokens` tokens from serve.py and in this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "serve.py", "--ckpt_path", str(folder), "--port", str(port)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.read() == b"ok":
+                        break
+            except OSError:
+                assert server.poll() is None, "serve.py ended"
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
+        request = {"prompt": prompt, "max_tokens": tokens, "temperature": 0}
+        model, tokenizer = load_model(str(folder))
+        expected = Completion(model, tokenizer, prompt, tokens, Sampling(temperature=0)).result()
+        answer = post(url, request)  # warm-up
+        assert answer["choices"][0]["text"] == expected.text and expected.completion_tokens == tokens
+        times = {"server": [], "in process": []}
+        for _ in range(repeats):
+            times["server"].append(timed(post, url, request))
+            times["in process"].append(timed(lambda: Completion(model, tokenizer, prompt, tokens,
+                                                                Sampling(temperature=0)).result()))  # fmt: skip
+            print(f"  {tokens}-token completion: server {times['server'][-1]:.3f} s, "
+                  f"in process {times['in process'][-1]:.3f} s", flush=True)  # fmt: skip
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its worker processes
+        server.wait()
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def write_section(results: Path, section: str) -> None:
+    """Replaces this benchmark's section of results (up to the next heading), or appends it."""
+    text = results.read_text() if results.is_file() else ""
+    start = text.find(HEADING)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(HEADING))
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    results.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; the medians count")
+    parser.add_argument("--sample-tokens", type=int, default=1000)
+    parser.add_argument("--completion-tokens", type=int, default=100)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="the Markdown file to write into")
+    args = parser.parse_args()
+
+    load = Path("/proc/loadavg").read_text().split()[0]
+    print(f"(a) sampling, {args.repeats} runs each:", flush=True)
+    sampling = cache_vs_plain(args.sample_tokens, args.repeats)
+    print(f"(b) serving, {args.repeats} runs each:", flush=True)
+    with tempfile.TemporaryDirectory(prefix="generation-") as tmp:
+        gpt2_folder(Path(tmp))
+        serving = server_vs_in_process(Path(tmp), args.completion_tokens, args.repeats)
+    load_after = Path("/proc/loadavg").read_text().split()[0]
+
+    rows = [
+        (f"(a) {args.sample_tokens} tokens sampled, plain path (no cache)", f"{sampling['plain']:.2f} s", ""),
+        (f"(a) {args.sample_tokens} tokens sampled, KV cache", f"{sampling['cache']:.2f} s",
+         f"{sampling['plain'] / sampling['cache']:.1f}x faster (target >= 5x)"),
+        (f"(b) {args.completion_tokens}-token completion, in process", f"{serving['in process']:.3f} s", ""),
+        (f"(b) {args.completion_tokens}-token completion, serve.py over HTTP", f"{serving['server']:.3f} s",
+         f"{serving['server'] / serving['in process'] - 1:+.1%} (target within 10%)"),
+    ]  # fmt: skip
+    table = "\n".join(["| | median | |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
+    print("\n" + table)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    section = "\n".join([
+        f"{HEADING}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit.stdout.strip()}",
+        "",
+        "```",
+        shlex.join(["python", "benchmarks/generation.py", *sys.argv[1:]]),
+        "```",
+        "",
+        f"Machine: {machine()}; torch {version('torch')} ({torch.get_num_threads()} threads), "
+        f"litserve {version('litserve')}. The machine was shared with other jobs (load average {load} before, "
+        f"{load_after} after), which slows both sides of each comparison; {args.repeats} alternated runs each, "
+        "medians.",
+        "",
+        table,
+    ])  # fmt: skip
+    write_section(args.results, section)
+    print(f"\nwritten into {args.results}")
+
+
+if __name__ == "__main__":
+    main()
