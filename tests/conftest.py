@@ -80,3 +80,21 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     result = train(root, corpus)
     assert result.returncode == 0, result.stderr
     return root
+
+
+@pytest.fixture(scope="session")
+def gpt2_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for GPT-2 on the hub, which the tests cannot download: a randomly initialised, tiny
+    GPT2LMHeadModel (GPT-2's vocabulary, 128 positions) and GPT-2's own BPE tokenizer, as save_pretrained writes
+    them."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tinygpt_pl.export import hf_tokenizer
+    from tinygpt_pl.tokenizer import get_tokenizer
+
+    folder = tmp_path_factory.mktemp("gpt2-standin")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128)).save_pretrained(folder)
+    hf_tokenizer(get_tokenizer("gpt2")).save_pretrained(folder)
+    return folder
