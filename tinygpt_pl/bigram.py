@@ -1,0 +1,66 @@
+"""The lecture's first model: the bigram language model (configs/lecture/00_bigram.yaml, `--model.arch bigram`).
+
+Each token reads the logits of the token after it from a vocab_size x vocab_size lookup table; nothing earlier in
+the context counts. The GPT (model.py) grows out of it: the table becomes a token embedding, and attention lets the
+tokens before it have a say. build_model picks one of the two from a run's hyperparameters.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tinygpt_pl.model import GPT, GPTConfig, KVCache
+
+
+@dataclass
+class BigramConfig:
+    vocab_size: int = 65
+    block_size: int = 8  # bounds only the context that generation feeds back; the table sees one token
+    n_layer: int = 0  # no Blocks: generation keeps no caches
+
+
+class BigramLanguageModel(nn.Module):
+    def __init__(self, config: BigramConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        # all logits 0: every next token equally likely, so the loss starts at ln(vocab_size)
+        nn.init.zeros_(self.token_embedding_table.weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """No matrix multiplies: a row is looked up. (The softmax's work is not counted for the GPT either.)"""
+        return 0
+
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Each position's row of the table (B, T, vocab_size); a table needs no cache of the positions before."""
+        return self.token_embedding_table(idx)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows are the logits already."""
+        return x
+
+    forward = GPT.forward  # the GPT's, written against hidden_states and logits alone: the same loss for both models
+
+
+def build_model(hparams: Mapping[str, Any]) -> GPT | BigramLanguageModel:
+    """The model that GPTModule's hyperparameters describe (module.py), for training and for load_checkpoint.
+
+    init "pytorch" gives each layer PyTorch's own initialisation (N(0, 1) embeddings, Linear weights and biases
+    uniform in +-1/sqrt(fan_in)), as the lecture's stages 1-5 had it: their val losses depend on it. (The GPT's
+    N(0, 0.02) came with the lecture's final model; from it, stage 1 ends its 5000 steps at 2.54 instead of 2.40.)
+    """
+    if hparams.get("arch") == "bigram":
+        return BigramLanguageModel(BigramConfig(hparams["vocab_size"], hparams["block_size"]))
+    # options newer than a checkpoint keep their defaults, which built the model it holds
+    model = GPT(GPTConfig(**{f.name: hparams[f.name] for f in fields(GPTConfig) if f.name in hparams}))
+    if hparams.get("init") == "pytorch":
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
