@@ -9,12 +9,16 @@ Validation covers the whole val split once, in fixed non-overlapping blocks shar
 val/loss is exact and reproducible rather than a random estimate.
 """
 
+import functools
+import hashlib
+import json
 import os
 import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -22,10 +26,29 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.prepare import check_token_file, open_tokens, read_sidecar, sha256_of, token_dtype, tokenize_to_file
+from tinygpt_pl.prepare import (
+    cached_sentencepiece,
+    check_token_file,
+    open_tokens,
+    read_sidecar,
+    sha256_of,
+    token_dtype,
+    tokenize_to_file,
+    training_text,
+)
 from tinygpt_pl.signals import ignore_signals
 from tinygpt_pl.sources import load_hub, load_local, local_files, source_key
-from tinygpt_pl.tokenizer import CharTokenizer, get_tokenizer, padded_vocab_size, tokenizer_from_state
+from tinygpt_pl.tokenizer import (
+    SENTENCEPIECE,
+    SENTENCEPIECE_OPTIONS,
+    TOKENIZER_NAMES,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    get_tokenizer,
+    padded_vocab_size,
+    tokenizer_from_state,
+    train_sentencepiece,
+)
 
 DEFAULT_SEED = 1337
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -189,7 +212,10 @@ class TextDataModule(L.LightningDataModule):
         seed: fixes which blocks every training step sees; default the run's --seed_everything (else 1337).
         num_workers: DataLoader worker processes per device.
         cache_dir: where downloads and token files go; default $TINYGPT_PL_CACHE or ~/.cache/tinygpt_pl.
-        tokenizer: char, gpt2, r50k_base, cl100k_base or o200k_base.
+        tokenizer: char, gpt2, r50k_base, cl100k_base or o200k_base; sentencepiece: a SentencePiece model trained on
+            the training split, once (the cache keeps it by source and settings); or a SentencePiece .model file.
+        tokenizer_vocab_size: the pieces of the trained SentencePiece model (default 1024).
+        tokenizer_model_type: the trained SentencePiece model's algorithm, bpe (default) or unigram.
         text_column: the column of .jsonl/.json/.parquet files or hub datasets that holds the text.
         hf_path, hf_name, split: a hub dataset, its config and the split to train on (instead of path).
         val_max_tokens: at most this many val tokens (validation passes stay short on huge corpora).
@@ -207,6 +233,8 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         tokenizer: str = "char",
+        tokenizer_vocab_size: int | None = None,
+        tokenizer_model_type: Literal["bpe", "unigram"] | None = None,
         text_column: str = "text",
         hf_path: str | None = None,
         hf_name: str | None = None,
@@ -223,6 +251,11 @@ class TextDataModule(L.LightningDataModule):
             raise UsageError(f"val_max_tokens must be >= 2 (or null for no cap), got {val_max_tokens}")
         if path and hf_path:
             raise UsageError("both --data.path and --data.hf_path are set: pass local files or a hub dataset")
+        if tokenizer != SENTENCEPIECE and (tokenizer_vocab_size, tokenizer_model_type) != (None, None):
+            raise UsageError(
+                f"--data.tokenizer_vocab_size and --data.tokenizer_model_type choose the model that --data.tokenizer "
+                f"{SENTENCEPIECE} trains, and the tokenizer is {tokenizer}: drop them, or train a SentencePiece model"
+            )
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
         self.global_batch_size = global_batch_size
         self.seed = DEFAULT_SEED if seed is None else seed
@@ -241,10 +274,14 @@ class TextDataModule(L.LightningDataModule):
             check_enough(*split_sizes(len(self.text), val_fraction, val_max_tokens), block_size, repr(str(self.path)))
             self.token_dir = None
         else:
-            self.tokenizer = get_tokenizer(tokenizer)
             self.files = None if hf_path else local_files(path or str(fetch_tiny_shakespeare(self.cache)))
             self.source, self.source_digest = source_key(self.files, hf_path, hf_name, split, text_column)
-            self.token_dir = self.cache / "tokens" / f"{tokenizer}-{self.source_digest}"
+            if tokenizer == SENTENCEPIECE:
+                self.tokenizer = self.trained_sentencepiece(tokenizer_vocab_size or 1024, tokenizer_model_type or "bpe")
+            else:
+                self.tokenizer = get_tokenizer(tokenizer)
+            name = tokenizer if tokenizer in TOKENIZER_NAMES else f"{SENTENCEPIECE}-{self.tokenizer.digest}"
+            self.token_dir = self.cache / "tokens" / f"{name}-{self.source_digest}"
 
     @property
     def vocab_size(self) -> int:
@@ -253,15 +290,31 @@ class TextDataModule(L.LightningDataModule):
         n = self.tokenizer.vocab_size
         return n if self.token_dir is None else padded_vocab_size(n)
 
+    def trained_sentencepiece(self, vocab_size: int, model_type: str) -> SentencePieceTokenizer:
+        """The SentencePiece model of the source's training text (prepare.training_text), trained once and kept in
+        the cache by source, split and settings."""
+        settings = [self.source_digest, self.val_fraction, vocab_size, model_type, SENTENCEPIECE_OPTIONS]
+        digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+        model_file = self.cache / "tokenizers" / f"{SENTENCEPIECE}-{model_type}-{vocab_size}-{digest}.model"
+
+        def train() -> SentencePieceTokenizer:
+            texts = training_text(self.load_splits(), self.text_column, self.val_fraction)
+            return train_sentencepiece(texts, vocab_size, model_type)
+
+        return cached_sentencepiece(model_file, train)
+
+    def load_splits(self) -> dict:
+        """The source's splits as HF datasets ("train", maybe "val")."""
+        if self.files is None:
+            return load_hub(self.hf_path, self.hf_name, self.split, self.text_column)
+        return load_local(self.files, self.text_column, self.cache / "hf", self.source_digest)
+
     def prepare_data(self) -> None:
         """Tokenize the source into the cache, unless a finished, intact tokenization of it is there.
         Lightning runs this once per node, before setup."""
         if self.token_dir is None or self.cached_splits(full=True):
             return
-        if self.files is None:
-            splits = load_hub(self.hf_path, self.hf_name, self.split, self.text_column)
-        else:
-            splits = load_local(self.files, self.text_column, self.cache / "hf", self.source_digest)
+        splits = self.load_splits()
         meta = {"source": self.source, "tokenizer": self.tokenizer.name, "has_val": "val" in splits}
         self.token_dir.mkdir(parents=True, exist_ok=True)
         for name in sorted(splits, reverse=True):  # train last: its sidecar marks the whole prepare finished
@@ -298,6 +351,16 @@ class TextDataModule(L.LightningDataModule):
             n_train, _ = split_sizes(len(ids), self.val_fraction, self.val_max_tokens)
             self.train_tokens, self.val_tokens = ids[:n_train], ids[n_train:]
         check_enough(len(self.train_tokens), len(self.val_tokens), self.block_size, self.source)
+
+    @functools.cached_property
+    def val_tokens_per_byte(self) -> float:
+        """The val split's targets (every val token but the first) per UTF-8 byte of the text they stand for: val/bpb
+        is val/loss times this over ln 2. Counted once, a piece at a time (the val split may be large, on disk)."""
+        targets = self.val_tokens[1:]
+        lengths = self.tokenizer.byte_lengths()
+        piece = 1 << 24
+        n_bytes = sum(int(lengths[targets[i : i + piece]].sum()) for i in range(0, len(targets), piece))
+        return len(targets) / n_bytes
 
     def _loader(self, dataset: IndexedBatches) -> DataLoader:
         return DataLoader(

@@ -5,6 +5,9 @@ source, the tokenizer, the token count, the dtype, the file's sha256 and its mod
 under a temporary name and renamed when complete, sidecar last, so an interrupted prepare leaves no sidecar and is
 done again. Each tokenizing process appends its batches' tokens to a file of its own, and the files are joined in
 order: memory does not grow with the corpus.
+
+A SentencePiece tokenizer is trained once on the training text (training_text) and kept in the cache beside the
+token files (cached_sentencepiece).
 """
 
 from __future__ import annotations
@@ -15,18 +18,22 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.sources import DOCUMENT_END
-from tinygpt_pl.tokenizer import Tokenizer
+from tinygpt_pl.tokenizer import SentencePieceTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+TOKENIZER_MAX_CHARS = 100_000_000  # of training text for SentencePiece, which holds it all in memory
 
 
 def sha256_of(path: Path) -> str:
@@ -82,7 +89,9 @@ def tokenize_to_file(dataset: Dataset, text_column: str, tokenizer: Tokenizer, o
             num_proc=min(num_proc, len(dataset)) if num_proc > 1 else None,
             remove_columns=dataset.column_names,
             cache_file_name=str(work / "done.arrow"),  # empty: the tokens went to the files above
-            new_fingerprint=f"{out.parent.name}-{out.name}",  # not a hash of the tokenizer object: slow, useless
+            # names this output, not a hash of the tokenizer object (slow, useless); short, as datasets allows 64
+            # characters with its "_00000_of_00002" suffix per process
+            new_fingerprint=hashlib.sha256(f"{out.parent.name}-{out.name}".encode()).hexdigest()[:32],
             desc=f"tokenizing {out.stem}",
         )
         part = work / out.name
@@ -161,3 +170,43 @@ def open_tokens(token_file: Path) -> np.memmap:
         raise damaged(token_file, "its sidecar is missing")
     check_token_file(token_file, meta, full=False)
     return np.memmap(token_file, dtype=meta["dtype"], mode="r")
+
+
+def training_text(splits: dict[str, Dataset], text_column: str, val_fraction: float) -> Iterator[str]:
+    """The text a tokenizer may learn from, cut at blank lines (SentencePiece's "sentences", whose line breaks it
+    learns as pieces): the train split, at most TOKENIZER_MAX_CHARS of it, and without the last val_fraction of its
+    characters when the source has no val split of its own (the last val_fraction of tokens will validate)."""
+    train = splits["train"]
+    budget = TOKENIZER_MAX_CHARS
+    if "val" not in splits:
+        budget = min(budget, int(pc.sum(pc.utf8_length(train.data.column(text_column))).as_py() * (1 - val_fraction)))
+    for batch in train.iter(batch_size=1000):
+        for text in batch[text_column]:
+            if budget <= 0:
+                return
+            text = text[:budget]
+            budget -= len(text)
+            yield from text.split("\n\n")
+
+
+def cached_sentencepiece(model_file: Path, train: Callable[[], SentencePieceTokenizer]) -> SentencePieceTokenizer:
+    """The SentencePiece model in model_file, else the one train() returns, written there whole (under a temporary
+    name, then renamed; training is deterministic, so ranks that train at once write the same bytes)."""
+    if model_file.is_file():
+        try:
+            return SentencePieceTokenizer(model_file.read_bytes())
+        except RuntimeError:
+            raise UsageError(
+                f"the cached SentencePiece model {model_file} is damaged: delete it to train it again"
+            ) from None
+    tokenizer = train()
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=model_file.parent, prefix=f".{model_file.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(tokenizer.model)
+        os.replace(tmp, model_file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return tokenizer

