@@ -3,7 +3,6 @@ Lightning and without unpickling code."""
 
 import os
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,10 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from tinygpt_pl.bigram import BigramLanguageModel, build_model
 from tinygpt_pl.data import TextDataModule
 from tinygpt_pl.errors import RunStopped, UsageError
-from tinygpt_pl.model import GPT, GPTConfig
+from tinygpt_pl.model import GPT
 from tinygpt_pl.tokenizer import Tokenizer, tokenizer_from_state
 
 TEMPORARY_GLOB = ".*.ckpt.*.tmp"  # AtomicCheckpointIO's files being written
@@ -139,8 +139,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         ) from None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """The GPT (in eval mode) and the tokenizer that a training checkpoint holds."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[GPT | BigramLanguageModel, Tokenizer]:
+    """The model (in eval mode: the GPT, or the lecture's bigram model) and the tokenizer that a training checkpoint
+    holds."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {str(path)!r} does not exist: pass --ckpt_path to a .ckpt file of a run")
@@ -148,7 +151,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if "state_dict" not in checkpoint or TextDataModule.__qualname__ not in checkpoint:
         raise UsageError(f"{str(path)!r} is not a tinygpt_pl training checkpoint: pass a .ckpt written by train.py")
     hparams = checkpoint["hyper_parameters"]
-    model = GPT(GPTConfig(**{f.name: hparams[f.name] for f in fields(GPTConfig)}))
+    model = build_model(hparams)
     prefix = "model."
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)

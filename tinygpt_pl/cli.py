@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -27,6 +28,7 @@ from tinygpt_pl.errors import RunStopped, UsageError, exit_on_bad_input
 from tinygpt_pl.fsdp import fsdp_strategy
 from tinygpt_pl.interrupt import GracefulStop
 from tinygpt_pl.module import GPTModule
+from tinygpt_pl.optim import check_optimizer_strategy
 from tinygpt_pl.runlock import RunLock
 from tinygpt_pl.signals import at_abort, is_global_rank_zero
 from tinygpt_pl.throughput import ThroughputMonitor
@@ -168,6 +170,7 @@ class TrainCLI(LightningCLI):
             trainer.precision = default_precision(gpu, machine)
         check_precision(str(trainer.precision), gpu, machine)
         check_strategy(trainer.strategy)
+        check_optimizer_strategy(config.model.optimizer, fsdp=trainer.strategy == "fsdp")  # before DDP's processes
         self.gpu = gpu
         world_size = devices * trainer.num_nodes
         self.accumulate = accumulation(
@@ -217,6 +220,13 @@ class TrainCLI(LightningCLI):
             kwargs["val_check_interval"] = val_check_interval * self.accumulate
         if self.config.trainer.strategy == "fsdp":
             kwargs["strategy"] = fsdp_strategy(self.gpu)
+        callbacks = self.config_init.trainer.callbacks or []
+        if self.config.trainer.enable_progress_bar is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            # tqdm's lines, also where rich is installed (litserve brings it), where Lightning would pick rich's bar,
+            # which shows nothing in a log file until the run ends
+            kwargs["callbacks"] = [*callbacks, TQDMProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
 

@@ -57,7 +57,7 @@ class GPTConfig:
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: choose n_embd as a multiple of n_head"
             )
         if self.pos_emb == "rotary" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rotary positions rotate pairs of features: head size {self.n_embd // self.n_head} is odd")
+            raise ValueError(f"rotary positions rotate pairs of features: head size {self.head_size} is odd")
         if self.residual and not self.feed_forward:
             raise ValueError("residual connections come with the feed-forward in the lecture: set feed_forward true")
         if not self.residual and self.norm != "none":
@@ -296,32 +296,3 @@ class GPT(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits from hidden states: generation asks only for the last position's."""
         return self.softcap(self.lm_head(x))
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        vocab_limit: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens sampled tokens, feeding back at most block_size of context.
-
-        vocab_limit: ids at or above it are never sampled (padding rows of the embedding).
-        generator: the random source for sampling, so callers can sample without touching the global RNG.
-        """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :vocab_limit] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx

@@ -2,6 +2,8 @@
 
 import math
 from dataclasses import fields
+from functools import partial
+from typing import Literal
 
 import lightning as L
 import torch
@@ -9,11 +11,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
+from tinygpt_pl.bigram import build_model
+from tinygpt_pl.convert import gpt_state_from_hf, hf_weights, init_from_hparams
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.model import GPT, GPTConfig
+from tinygpt_pl.generate import Sampling, generate
+from tinygpt_pl.model import GPTConfig
 from tinygpt_pl.nonfinite import NonFiniteGuard
+from tinygpt_pl.optim import MuonWithAdamW, check_optimizer_strategy
 
-SHAPE_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "dropout")  # what a checkpoint's weights fix
+# what a checkpoint's weights fix, with the value of a checkpoint written before the option existed
+SHAPE_DEFAULTS = {"arch": "gpt", **{f.name: f.default for f in fields(GPTConfig) if f.name != "dropout"}}
 
 
 def cosine_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
@@ -26,18 +33,43 @@ def cosine_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int,
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+def wsd_lr(
+    step: int, learning_rate: float, min_lr: float, warmup_steps: int, decay_steps: int, decay_fraction: float
+) -> float:
+    """Warm-up, stable, decay: cosine_lr's warm-up, then learning_rate until the last decay_fraction of decay_steps,
+    then a linear decay to min_lr at decay_steps, then min_lr."""
+    if step < warmup_steps or step >= decay_steps:
+        return cosine_lr(step, learning_rate, min_lr, warmup_steps, decay_steps)
+    decay_start = max(warmup_steps, decay_steps * (1 - decay_fraction))
+    progress = max(0.0, step - decay_start) / (decay_steps - decay_start)
+    return learning_rate + progress * (min_lr - learning_rate)
+
+
 class GPTModule(L.LightningModule):
-    """Trains a GPT: next-token cross-entropy, AdamW, warm-up + cosine schedule stepped per optimizer step.
+    """Trains a GPT: next-token cross-entropy, AdamW (or Muon with AdamW), warm-up + cosine (or warm-up-stable-decay)
+    schedule stepped per optimizer step.
 
     Args:
         vocab_size, block_size: set from the data (linked by the CLI).
+        arch: gpt, or the lecture's bigram model (bigram.py), which ignores the options of the GPT's shape.
+        init: the GPT's initialisation: gpt2 (N(0, 0.02), residual projections scaled down; GPT.__init__), or pytorch:
+            each layer's own default, as the lecture's stages before its final model have it (bigram.build_model).
         n_layer, n_head, n_embd, dropout, bias: the Transformer's shape (see GPTConfig).
         activation, pos_emb, feed_forward, residual, norm: the lecture's stages and GPT-2's GELU (see GPTConfig).
         qk_norm, tie_weights, zero_init_proj, logit_softcap: the modern recipe's model options (see GPTConfig).
+        init_from: start from OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (from the Hugging Face
+            hub, cached) or a Hugging Face GPT-2 folder. The model takes their shape and vocabulary (the run's
+            hparams record it), with block_size up to their context (positions cropped) and any dropout; the data
+            must use the gpt2 tokenizer. A new run loads them as it starts; a resumed one has its own weights.
         learning_rate, min_lr, warmup_steps: the schedule's peak, floor and warm-up length.
-        lr_decay_steps: the step at which the cosine reaches min_lr; default trainer.max_steps.
+        lr_decay_steps: the step at which the schedule reaches min_lr; default trainer.max_steps.
+        lr_schedule: cosine (decays from the warm-up on), or wsd: constant after the warm-up, then a linear decay over
+            the last decay_fraction of the steps (the speedruns' warm-up-stable-decay).
         weight_decay: applied to 2-D weights (matmuls, embeddings) only, not to biases and LayerNorms.
         betas: AdamW's betas.
+        optimizer: adamw, or muon: torch.optim.Muon for the Blocks' Linear weights (muon_lr, muon_momentum,
+            muon_weight_decay) and AdamW for the rest (learning_rate); every group follows the schedule, scaled to its
+            own peak (optim.py).
         sample_tokens: length of the text sample logged to TensorBoard at each validation (0: none).
         compile: torch.compile the GPT (in place, so checkpoint keys stay those of the plain model).
         skip_nonfinite_steps: skip a step whose gradients are inf or nan (counted in train/skipped_steps) instead of
@@ -54,6 +86,8 @@ class GPTModule(L.LightningModule):
         self,
         vocab_size: int = 65,
         block_size: int = 256,
+        arch: Literal["gpt", "bigram"] = "gpt",
+        init: Literal["gpt2", "pytorch"] = "gpt2",
         n_layer: int = 6,
         n_head: int = 6,
         n_embd: int = 384,
@@ -68,6 +102,7 @@ class GPTModule(L.LightningModule):
         tie_weights: bool = True,
         zero_init_proj: bool = False,
         logit_softcap: float | None = None,
+        init_from: str | None = None,
         learning_rate: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -78,11 +113,26 @@ class GPTModule(L.LightningModule):
         compile: bool = False,
         skip_nonfinite_steps: bool = False,
         max_skips_in_a_row: int = 10,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
+        lr_schedule: Literal["cosine", "wsd"] = "cosine",
+        decay_fraction: float = 0.2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if optimizer == "muon" and skip_nonfinite_steps:
+            raise UsageError(
+                "--model.skip_nonfinite_steps skips a step on the device, which only the fused AdamW can: "
+                "it does not work with --model.optimizer muon; use one of them"
+            )
+        if not 0 < decay_fraction <= 1:
+            raise UsageError(f"--model.decay_fraction must be in (0, 1], got {decay_fraction}")
+        if init_from is not None:
+            self.hparams.update(init_from_hparams(init_from, self.hparams))
         try:
-            self.model = GPT(GPTConfig(**{f.name: self.hparams[f.name] for f in fields(GPTConfig)}))
+            self.model = build_model(self.hparams)
         except ValueError as e:
             raise UsageError(f"--model: {e}") from None
         self.decayed = {name: p.dim() >= 2 for name, p in self.model.named_parameters()}  # matrices, not vectors
@@ -120,8 +170,22 @@ class GPTModule(L.LightningModule):
         if batch_idx == 0:
             self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        init_from = self.hparams.init_from
+        if init_from is not None and datamodule is not None and datamodule.tokenizer.name != "gpt2":
+            raise UsageError(
+                f"--model.init_from {init_from}: GPT-2's weights read GPT-2's tokens, not those of the "
+                f"{datamodule.tokenizer.name} tokenizer: pass --data.tokenizer gpt2"
+            )
+
     def on_train_start(self) -> None:
+        """A new run from GPT-2's weights loads them here, after Lightning restored any checkpoint (resumed runs have
+        their own weights) and through the strategy, which loads them into sharded models too."""
         self.guard.reset(self.device)
+        if self.hparams.init_from is not None and self.trainer.ckpt_path is None:
+            state = gpt_state_from_hf(hf_weights(self.hparams.init_from), self.hparams.block_size)
+            self.trainer.strategy.load_model_state_dict({"state_dict": {f"model.{k}": v for k, v in state.items()}})
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The gradient norm of the whole model (before clipping), for the divergence guard and for clipping at every
@@ -166,6 +230,11 @@ class GPTModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
         self.log("val/ppl", torch.exp(val_loss), rank_zero_only=True)
+        # bits per UTF-8 byte of the val text: the split's summed loss in bits over its bytes, which, unlike the loss
+        # per token, compares models with different tokenizers
+        tokens_per_byte = getattr(getattr(self.trainer, "datamodule", None), "val_tokens_per_byte", None)
+        if tokens_per_byte is not None:
+            self.log("val/bpb", val_loss * tokens_per_byte / math.log(2), rank_zero_only=True)
         if not self.trainer.sanity_checking:
             self.log_sample()
 
@@ -179,8 +248,8 @@ class GPTModule(L.LightningModule):
         tokenizer = datamodule.tokenizer
         generator = torch.Generator(device=self.device).manual_seed(0)
         idx = torch.full((1, 1), tokenizer.eot_id or 0, dtype=torch.long, device=self.device)  # a document's start
-        out = self.model.generate(idx, self.hparams.sample_tokens, top_k=200, vocab_limit=tokenizer.vocab_size,
-                                  generator=generator)  # fmt: skip
+        out = generate(self.model, idx, self.hparams.sample_tokens, Sampling(top_k=200),
+                       vocab_limit=tokenizer.vocab_size, generator=generator)  # fmt: skip
         text = tokenizer.decode(out[0].tolist())
         self.logger.experiment.add_text("sample", f"```\n{text}\n```", self.global_step)
 
@@ -192,22 +261,34 @@ class GPTModule(L.LightningModule):
                 f"the model's parameter names changed since it was built ({changed[0]}): a new wrapper around it? "
                 "weight decay is chosen by those names"
             )
-        decay = [p for name, p in params.items() if p.requires_grad and self.decayed[name]]
-        no_decay = [p for name, p in params.items() if p.requires_grad and not self.decayed[name]]
+        hp = self.hparams
+        muon = hp.optimizer == "muon"
+        check_optimizer_strategy(hp.optimizer, fsdp=isinstance(self.trainer.strategy, FSDPStrategy))
+        trained = {name: p for name, p in params.items() if p.requires_grad}
+        hidden = [name for name in trained if muon and name.startswith("transformer.h.") and self.decayed[name]]
+        decay = [p for name, p in trained.items() if self.decayed[name] and name not in hidden]
+        no_decay = [p for name, p in trained.items() if not self.decayed[name]]
         groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": decay, "weight_decay": hp.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        hp = self.hparams
         # fused: one kernel per step on GPUs; also the only AdamW that can skip a step on the device (found_inf)
         fused = self.device.type == "cuda" or hp.skip_nonfinite_steps
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
+        if muon:
+            if not hidden:
+                raise UsageError("--model.optimizer muon: this model has no Blocks for Muon to train: use adamw")
+            matrices = [trained[name] for name in hidden]
+            kwargs = dict(lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.muon_weight_decay)
+            optimizer = MuonWithAdamW(optimizer, torch.optim.Muon(matrices, **kwargs))
         decay_steps = hp.lr_decay_steps or self.trainer.max_steps
         if decay_steps <= 0:
-            raise UsageError("the cosine schedule needs an end: set --trainer.max_steps or --model.lr_decay_steps")
+            raise UsageError("the schedule needs an end: set --trainer.max_steps or --model.lr_decay_steps")
+        schedule = partial(wsd_lr, decay_fraction=hp.decay_fraction) if hp.lr_schedule == "wsd" else cosine_lr
 
         def lr_lambda(step: int) -> float:
-            return cosine_lr(step, hp.learning_rate, hp.min_lr, hp.warmup_steps, decay_steps) / hp.learning_rate
+            """The schedule as a factor of each group's peak (learning_rate for AdamW, muon_lr for Muon)."""
+            return schedule(step, hp.learning_rate, hp.min_lr, hp.warmup_steps, decay_steps) / hp.learning_rate
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -224,12 +305,17 @@ class GPTModule(L.LightningModule):
         if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
             # Lightning restores the data after the model: check the tokenizer first, it explains a vocab_size change
             datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
-        saved = checkpoint.get("hyper_parameters", {})
-        diff = [f"{k}={saved[k]} (this run: {self.hparams[k]})" for k in SHAPE_KEYS if saved.get(k) != self.hparams[k]]
+        saved = {**SHAPE_DEFAULTS, **checkpoint.get("hyper_parameters", {})}
+        diff = [f"{k}={saved[k]} (this run: {self.hparams[k]})" for k in SHAPE_DEFAULTS if saved[k] != self.hparams[k]]
         if diff:
             raise UsageError(
                 f"the checkpoint holds a model of another shape: {', '.join(diff)}: "
                 "resume with the model settings it was trained with (its config.yaml)"
+            )
+        if (trained_with := saved.get("optimizer", "adamw")) != self.hparams.optimizer:
+            raise UsageError(
+                f"the checkpoint's optimizer state is {trained_with}'s, not {self.hparams.optimizer}'s: "
+                f"resume with --model.optimizer {trained_with}"
             )
         # A resumed run's train loader starts at the saved optimizer step (data.py), perhaps with another accumulation
         # (the same global batch on another device count). Lightning counts micro-batches, so recount those done in
