@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from tinygpt_pl.cli import TrainCLI, main
 from tinygpt_pl.convert import load_model
 from tinygpt_pl.errors import UsageError
+from tinygpt_pl.generate import Completion, Sampling
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:\tSpeak, speak."
 
@@ -38,6 +39,19 @@ def test_hf_folder_loads_with_transformers_logits_and_gpt2_tokens(gpt2_standin):
     )
     idx = torch.randint(0, 50257, (2, 128), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(our_logits(model, idx), hf_logits(gpt2_standin, idx), atol=1e-4, rtol=0)
+
+
+def test_greedy_text_from_an_hf_folder_is_transformers_generate(gpt2_standin):
+    """The issue's target: greedy text from an imported folder is transformers' generate(do_sample=False)'s."""
+    model, tokenizer = load_model(str(gpt2_standin))
+    prompt = tokenizer.encode(TEXT)
+    ours = Completion(model, tokenizer, TEXT, 60, Sampling(temperature=0)).result()
+    hf = GPT2LMHeadModel.from_pretrained(gpt2_standin).eval()
+    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=60, pad_token_id=50256)
+    ids = out[0, len(prompt) :].tolist()
+    ids = ids[:-1] if ids[-1] == tokenizer.eot_id else ids  # transformers keeps the end-of-text token it stopped at
+    assert ours.completion_tokens == len(ids) > 0
+    assert ours.text == tokenizer.decode(ids)
 
 
 def test_hub_name_loads_offline_from_the_hub_cache(gpt2_standin, tmp_path, monkeypatch):
