@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import yaml
-from cpu_recipe import DEFAULT_CONFIG, DEFAULT_RESULTS, REPO, machine, run_timed
+from cpu_recipe import DEFAULT_CONFIG, DEFAULT_RESULTS, REPO, append_section, machine, run_timed
 
 from tinygpt_pl.checkpoint import read_checkpoint
 from tinygpt_pl.data import TextDataModule
@@ -108,10 +108,7 @@ def benchmark(config: Path, data_path: str, seconds: int, results: Path) -> None
             *lines,
         ]
     )
-    print("\n" + section)
-    with open(results, "a") as f:
-        f.write("\n" + section + "\n")
-    print(f"\nappended to {results}")
+    append_section(section, results)
 
 
 def main() -> None:

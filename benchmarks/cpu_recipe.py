@@ -169,6 +169,11 @@ def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None
             *lines,
         ]
     )
+    append_section(section, results)
+
+
+def append_section(section: str, results: Path) -> None:
+    """Print a benchmark's Markdown section and append it to the results file."""
     print("\n" + section)
     if not results.exists():
         results.write_text("# Benchmarks\n")

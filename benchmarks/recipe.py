@@ -19,7 +19,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from cpu_recipe import machine, project_val_losses, run_timed
+from cpu_recipe import append_section, machine, project_val_losses, run_timed
 
 REPO = Path(__file__).resolve().parent.parent
 NANOGPT = REPO / "configs" / "shakespeare_char_cpu.yaml"
@@ -142,10 +142,7 @@ def benchmark(data_path: str, ablation_steps: int | None, results: Path, nanogpt
             *sections,
         ]
     )
-    print("\n" + section)
-    with open(results, "a") as f:
-        f.write("\n" + section + "\n")
-    print(f"\nappended to {results}")
+    append_section(section, results)
 
 
 def ablation(config: Path, tmp: Path, data_path: str, steps: int, nanogpt_s: float, nanogpt: list) -> list[str]:
