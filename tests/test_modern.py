@@ -20,7 +20,7 @@ from tinygpt_pl.errors import UsageError
 from tinygpt_pl.fsdp import fsdp_strategy
 from tinygpt_pl.model import GPT, RotaryEmbedding
 from tinygpt_pl.module import GPTModule, cosine_lr, wsd_lr
-from tinygpt_pl.optim import MuonWithAdamW
+from tinygpt_pl.optim import Muon, MuonWithAdamW, orthogonalize
 
 
 def nanogpt_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest():
     optimizer, scheduler, module = configured(optimizer="muon", tie_weights=False, bias=True, muon_lr=0.05,
                                               lr_schedule="wsd", warmup_steps=0)  # fmt: skip
     adamw, muon = optimizer.optimizers
-    assert isinstance(optimizer, MuonWithAdamW) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(optimizer, MuonWithAdamW) and isinstance(muon, Muon)
     names = {p: name for name, p in module.model.named_parameters()}
     in_muon = {names[p] for group in muon.param_groups for p in group["params"]}
     matrices = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -169,6 +169,31 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest():
         scheduler.step()
     assert [g["lr"] for g in muon.param_groups] == [pytest.approx(0.005)]
     assert [g["lr"] for g in adamw.param_groups] == [pytest.approx(1e-4)] * 2
+
+
+def test_muon_on_a_cpu_steps_as_torchs_muon_with_a_float32_iteration():
+    torch.manual_seed(0)
+    start = [torch.randn(48, 16), torch.randn(16, 48), torch.randn(48, 16)]
+    ours, theirs = ([w.clone().requires_grad_() for w in start] for _ in range(2))
+    optimizers = Muon(ours, lr=0.05, weight_decay=0.1), torch.optim.Muon(theirs, lr=0.05, weight_decay=0.1)
+    for _ in range(3):
+        for w, g in zip(ours + theirs, [torch.randn_like(w) for w in start] * 2, strict=True):
+            w.grad = g
+        for optimizer in optimizers:
+            optimizer.step()
+        for a, b, w0 in zip(ours, theirs, start, strict=True):
+            assert (b - w0).abs().max() > 0.02  # they move, and in the same way up to bfloat16's rounding
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+    assert set(optimizers[0].state[ours[0]]) == set(optimizers[1].state[theirs[0]]) == {"momentum_buffer"}
+
+    g, coefficients = torch.randn(48, 16), (3.4445, -4.775, 2.0315)  # torch's defaults, 5 steps
+    x = g.double().T / g.double().norm()
+    for _ in range(5):
+        gram = x @ x.T
+        x = coefficients[0] * x + (coefficients[1] * gram + coefficients[2] * gram @ gram) @ x
+    torch.testing.assert_close(orthogonalize(g[None], coefficients, 5, 1e-7)[0], x.T.float(), rtol=0, atol=1e-5)
+    stacked = orthogonalize(torch.stack([g, 2 * g, -g]), coefficients, 5, 1e-7)  # each matrix on its own
+    torch.testing.assert_close(stacked, torch.stack([x.T.float(), x.T.float(), -x.T.float()]), rtol=0, atol=1e-5)
 
 
 def fit(corpus: Path, max_steps: int, ckpt_path: Path | None = None) -> L.Trainer:

@@ -17,7 +17,7 @@ from tinygpt_pl.errors import UsageError
 from tinygpt_pl.generate import Sampling, generate
 from tinygpt_pl.model import GPTConfig
 from tinygpt_pl.nonfinite import NonFiniteGuard
-from tinygpt_pl.optim import MuonWithAdamW, check_optimizer_strategy
+from tinygpt_pl.optim import Muon, MuonWithAdamW, check_optimizer_strategy
 
 # what a checkpoint's weights fix, with the value of a checkpoint written before the option existed
 SHAPE_DEFAULTS = {"arch": "gpt", **{f.name: f.default for f in fields(GPTConfig) if f.name != "dropout"}}
@@ -280,7 +280,7 @@ class GPTModule(L.LightningModule):
                 raise UsageError("--model.optimizer muon: this model has no Blocks for Muon to train: use adamw")
             matrices = [trained[name] for name in hidden]
             kwargs = dict(lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.muon_weight_decay)
-            optimizer = MuonWithAdamW(optimizer, torch.optim.Muon(matrices, **kwargs))
+            optimizer = MuonWithAdamW(optimizer, Muon(matrices, **kwargs))
         decay_steps = hp.lr_decay_steps or self.trainer.max_steps
         if decay_steps <= 0:
             raise UsageError("the schedule needs an end: set --trainer.max_steps or --model.lr_decay_steps")
