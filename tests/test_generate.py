@@ -58,6 +58,18 @@ def test_top_p_samples_only_the_nucleus_and_top_k_only_the_k_most_likely():
     assert len(set(Sampling().choose(logits, generator).flatten().tolist())) == 6
 
 
+def test_samples_follow_the_probabilities_and_the_renormalised_nucleus():
+    probs = torch.tensor([0.05, 0.4, 0.02, 0.25, 0.13, 0.15])
+    logits = probs.log().expand(40000, -1).clone()
+    generator = torch.Generator().manual_seed(0)
+    nucleus = probs * torch.tensor([0, 1, 0, 1, 0, 1]) / 0.8  # ids 1, 3, 5 (see above), renormalised
+    for sampling, expected in [(Sampling(), probs), (Sampling(top_p=0.75), nucleus),
+                               (Sampling(temperature=0.5), probs**2 / (probs**2).sum())]:  # fmt: skip
+        drawn = sampling.choose(logits.clone(), generator).flatten()
+        frequencies = torch.bincount(drawn, minlength=6) / drawn.numel()
+        torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.01)  # 4 standard deviations at most
+
+
 def test_padding_ids_are_never_sampled():
     model = tiny()
     limited = generate(model, torch.zeros((1, 1), dtype=torch.long), 100, Sampling(temperature=3.0), vocab_limit=7,

@@ -41,8 +41,8 @@ class BigramLanguageModel(nn.Module):
         """Each position's row of the table (B, T, vocab_size); a table needs no cache of the positions before."""
         return self.token_embedding_table(idx)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows are the logits already."""
+    def logits(self, x: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows are the logits already (a table has no head)."""
         return x
 
     forward = GPT.forward  # the GPT's, written against hidden_states and logits alone: the same loss for both models

@@ -293,6 +293,7 @@ class GPT(nn.Module):
             x = block(x, caches[i] if caches else None)
         return self.transformer.ln_f(x)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Next-token logits from hidden states: generation asks only for the last position's."""
-        return self.softcap(self.lm_head(x))
+    def logits(self, x: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits from hidden states: generation asks only for the last position's, and may pass the head's
+        weight transposed (n_embd, vocab_size), which a CPU multiplies a single row by faster."""
+        return self.softcap(self.lm_head(x) if head_t is None else x @ head_t)
