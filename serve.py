@@ -118,7 +118,7 @@ class CompletionAPI(ls.LitAPI):
         self.model, self.tokenizer = load_model(self.ckpt_path, device)
         self.torch_device = device
 
-    def decode_request(self, request: CompletionRequest) -> Completion:
+    def decode_request(self, request: CompletionRequest) -> tuple[Completion, bool]:
         generator = torch.Generator(self.torch_device)
         if request.seed is None:
             generator.seed()
@@ -127,18 +127,26 @@ class CompletionAPI(ls.LitAPI):
         stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
         try:
             sampling = Sampling(temperature=request.temperature, top_p=request.top_p)
-            return Completion(self.model, self.tokenizer, request.prompt, request.max_tokens, sampling, stop,
-                              kv_cache=self.kv_cache, generator=generator)  # fmt: skip
+            completion = Completion(self.model, self.tokenizer, request.prompt, request.max_tokens, sampling, stop,
+                                    kv_cache=self.kv_cache, generator=generator)  # fmt: skip
         except UsageError as e:
             raise HTTPException(400, str(e)) from None
+        return completion, request.stream
 
-    def predict(self, completion: Completion) -> Iterator[dict]:
-        for piece in completion:
-            yield {"text": piece}
+    def predict(self, work: tuple[Completion, bool]) -> Iterator[dict]:
+        """A message per text piece for a stream; one message for the whole text otherwise (each message crosses
+        from this worker's process to the server's)."""
+        completion, stream = work
+        text = ""
+        if stream:
+            for piece in completion:
+                yield {"text": piece}
+        else:
+            text = completion.result().text
         prompt_tokens, completion_tokens = len(completion.prompt_ids), completion.completion_tokens
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
-        yield {"text": "", "finish_reason": completion.finish_reason, "usage": usage}
+        yield {"text": text, "finish_reason": completion.finish_reason, "usage": usage}
 
 
 def serve(*, ckpt_path: str, port: int = 8000, host: str = "127.0.0.1", accelerator: str = "auto",
