@@ -8,9 +8,13 @@
     from request to response; against the same Completion generated in this process. --repeats of each, alternated,
     after one warm-up each; the medians and their ratio.
 
+With --gpu, (a) alone, on the GPU, for the lecture's model instead (configs/lecture/06_scaled_up.yaml: 6 layers x 384,
+6 heads, context 256, 65 characters; random weights): 255 tokens (all within its context) and --sample-tokens (past
+it, each step runs the whole window again on either path, so the cache gains little there).
+
 It prints a table and writes it into benchmarks/results.md, replacing this benchmark's earlier section.
 
-    python benchmarks/generation.py [--repeats 3]
+    python benchmarks/generation.py [--repeats 3] [--gpu]
 """
 
 import argparse
@@ -38,7 +42,9 @@ from tinygpt_pl.generate import Completion, Sampling, stream_ids
 from tinygpt_pl.model import GPT, GPTConfig
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=1024)
+LECTURE_SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)  # configs/lecture/06_scaled_up.yaml
 HEADING = "## Generation: KV cache and serving (benchmarks/generation.py)"
+GPU_HEADING = "## Generation on a GPU: KV cache, the lecture's model (benchmarks/generation.py --gpu)"
 
 
 def timed(run: Callable[..., object], *args: object) -> float:
@@ -48,23 +54,38 @@ def timed(run: Callable[..., object], *args: object) -> float:
     return time.perf_counter() - start
 
 
-def cache_vs_plain(tokens: int, repeats: int) -> dict[str, float]:
-    """Seconds (medians) to sample `tokens` tokens with and without the cache."""
+def cache_vs_plain(tokens: int, repeats: int, device: str = "cpu", lecture: bool = False) -> dict[str, float]:
+    """Seconds (medians) to sample `tokens` tokens with and without the cache, from a GPT-2-shaped model (BPE) or the
+    lecture's (characters)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50304, dropout=0.0, **SHAPE)).eval()
-    start = torch.tensor([[50256]])  # <|endoftext|>: a document's start
+    shape, vocab_size, vocab_limit = (LECTURE_SHAPE, 65, 65) if lecture else (SHAPE, 50304, 50257)
+    model = GPT(GPTConfig(vocab_size=vocab_size, dropout=0.0, **shape)).to(device).eval()
+    start = torch.tensor([[0 if lecture else 50256]], device=device)  # "\n" / <|endoftext|>: a document's start
 
     def sample(kv_cache: bool) -> None:
-        generator = torch.Generator().manual_seed(0)
-        ids = list(stream_ids(model, start, tokens, vocab_limit=50257, kv_cache=kv_cache, generator=generator))
+        generator = torch.Generator(device).manual_seed(0)
+        ids = list(stream_ids(model, start, tokens, vocab_limit=vocab_limit, kv_cache=kv_cache, generator=generator))
         assert len(ids) == tokens
+        if device != "cpu":
+            torch.cuda.synchronize()
 
+    sample(True)  # warm-up: the GPU's kernels load on first use
     times = {True: [], False: []}
     for _ in range(repeats):
         for kv_cache in times:
             times[kv_cache].append(timed(sample, kv_cache))
             print(f"  {tokens} tokens, kv_cache={kv_cache}: {times[kv_cache][-1]:.2f} s", flush=True)
-    return {"cache": statistics.median(times[True]), "plain": statistics.median(times[False])}
+    return {"plain": statistics.median(times[False]), "cache": statistics.median(times[True])}
+
+
+def gpu_section(tokens: int, repeats: int) -> tuple[str, str]:
+    """(heading, table) of the cache against the plain path for the lecture's model on the GPU."""
+    rows = []
+    for n in (LECTURE_SHAPE["block_size"] - 1, tokens):
+        plain, cache = cache_vs_plain(n, repeats, "cuda", lecture=True).values()
+        rows.append(f"| {n} | {plain:.2f} s | {cache:.2f} s | {plain / cache:.1f}x |")
+    table = "\n".join(["| tokens | plain path | KV cache | speed-up (target >= 5x) |", "|---|---|---|---|", *rows])
+    return f"{GPU_HEADING}, {torch.cuda.get_device_name()}", table
 
 
 def gpt2_folder(path: Path) -> None:
@@ -120,14 +141,14 @@ def server_vs_in_process(folder: Path, tokens: int, repeats: int) -> dict[str, f
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def write_section(results: Path, section: str) -> None:
-    """Replaces this benchmark's section of results (up to the next heading), or appends it."""
+def write_section(results: Path, section: str, heading: str) -> None:
+    """Replaces the section of results under heading (up to the next heading), or appends it."""
     text = results.read_text() if results.is_file() else ""
-    start = text.find(HEADING)
+    start = text.find(heading)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(HEADING))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[end:] if end >= 0 else "")
     results.write_text(text.rstrip("\n") + "\n")
 
@@ -138,8 +159,18 @@ def main() -> None:
     parser.add_argument("--sample-tokens", type=int, default=1000)
     parser.add_argument("--completion-tokens", type=int, default=100)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="the Markdown file to write into")
+    parser.add_argument("--gpu", action="store_true", help="(a) on the GPU, for the lecture's model")
     args = parser.parse_args()
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if args.gpu:
+        heading, table = gpu_section(args.sample_tokens, args.repeats)
+        print("\n" + table)
+        command = shlex.join(["python", "benchmarks/generation.py", *sys.argv[1:]])
+        write_section(args.results, f"{heading}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit "
+                      f"{commit.stdout.strip()}\n\n```\n{command}\n```\n\n{table}", GPU_HEADING)  # fmt: skip
+        print(f"\nwritten into {args.results}")
+        return
     load = Path("/proc/loadavg").read_text().split()[0]
     print(f"(a) sampling, {args.repeats} runs each:", flush=True)
     sampling = cache_vs_plain(args.sample_tokens, args.repeats)
@@ -159,7 +190,6 @@ def main() -> None:
     ]  # fmt: skip
     table = "\n".join(["| | median | |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
     print("\n" + table)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     section = "\n".join([
         f"{HEADING}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit.stdout.strip()}",
         "",
@@ -174,7 +204,7 @@ def main() -> None:
         "",
         table,
     ])  # fmt: skip
-    write_section(args.results, section)
+    write_section(args.results, section, HEADING)
     print(f"\nwritten into {args.results}")
 
 
