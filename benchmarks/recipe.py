@@ -37,7 +37,7 @@ ABLATION = {
     "untied head": ["--model.tie_weights", "false"],
     "zero-init projections": ["--model.zero_init_proj", "true"],
     "logit soft-cap 30": ["--model.logit_softcap", "30"],
-    "Muon (lr 0.04)": ["--model.optimizer", "muon", "--model.muon_lr", "0.04"],
+    "Muon (lr 0.02)": ["--model.optimizer", "muon", "--model.muon_lr", "0.02"],
     "WSD schedule (decay 0.4)": ["--model.lr_schedule", "wsd", "--model.decay_fraction", "0.4"],
 }
 
