@@ -149,7 +149,7 @@ def write_section(results: Path, section: str, heading: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end:] if end >= 0 else "")
     results.write_text(text.rstrip("\n") + "\n")
 
 
@@ -186,7 +186,7 @@ def main() -> None:
          f"{sampling['plain'] / sampling['cache']:.1f}x faster (target >= 5x)"),
         (f"(b) {args.completion_tokens}-token completion, in process", f"{serving['in process']:.3f} s", ""),
         (f"(b) {args.completion_tokens}-token completion, serve.py over HTTP", f"{serving['server']:.3f} s",
-         f"{serving['server'] / serving['in process'] - 1:+.1%} (target within 10%)"),
+         f"{serving['server'] / serving['in process'] - 1:+.1%} (target: at most 10% slower)"),
     ]  # fmt: skip
     table = "\n".join(["| | median | |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
     print("\n" + table)
@@ -198,9 +198,9 @@ def main() -> None:
         "```",
         "",
         f"Machine: {machine()}; torch {version('torch')} ({torch.get_num_threads()} threads), "
-        f"litserve {version('litserve')}. The machine was shared with other jobs (load average {load} before, "
-        f"{load_after} after), which slows both sides of each comparison; {args.repeats} alternated runs each, "
-        "medians.",
+        f"litserve {version('litserve')}. Load average {load} before, {load_after} after (this benchmark's own work "
+        f"included); other jobs on the machine slow both sides of each comparison. {args.repeats} alternated runs "
+        "each, medians.",
         "",
         table,
     ])  # fmt: skip
