@@ -4,7 +4,7 @@ settings through train.py for the same wall time (--trainer.max_time); the table
 tokens per byte of tiny Shakespeare, and val/bpb over the full val split after that time: bits per byte, which,
 unlike the loss per token, compares models whose tokens differ.
 
-    python benchmarks/compare_tokenizers.py --data-path ../shared/data/tinyshakespeare.txt [--seconds 70]
+    python benchmarks/compare_tokenizers.py --data-path ../shared/data/tinyshakespeare.txt [--seconds 170]
 
 On a machine shared with other work, OMP_NUM_THREADS=1 keeps torch's threads from waiting on each other (a step
 can take 20x longer with 2 threads on 2 busy cores); the table records it.
@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the training recipe (YAML)")
     parser.add_argument("--data-path", required=True, help="tiny Shakespeare, passed to train.py as --data.path")
-    parser.add_argument("--seconds", type=int, default=70, help="training wall time per tokenizer (default 70)")
+    parser.add_argument("--seconds", type=int, default=170, help="training wall time per tokenizer (default 170)")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to append to")
     args = parser.parse_args()
     benchmark(args.config.resolve(), str(Path(args.data_path).resolve()), args.seconds, args.results)
