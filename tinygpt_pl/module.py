@@ -67,9 +67,9 @@ class GPTModule(L.LightningModule):
             the last decay_fraction of the steps (the speedruns' warm-up-stable-decay).
         weight_decay: applied to 2-D weights (matmuls, embeddings) only, not to biases and LayerNorms.
         betas: AdamW's betas.
-        optimizer: adamw, or muon: torch.optim.Muon for the Blocks' Linear weights (muon_lr, muon_momentum,
-            muon_weight_decay) and AdamW for the rest (learning_rate); every group follows the schedule, scaled to its
-            own peak (optim.py).
+        optimizer: adamw, or muon: torch.optim.Muon (float32 on a CPU) for the Blocks' Linear weights (muon_lr,
+            muon_momentum, muon_weight_decay) and AdamW for the rest (learning_rate); every group follows the schedule,
+            scaled to its own peak (optim.py).
         sample_tokens: length of the text sample logged to TensorBoard at each validation (0: none).
         compile: torch.compile the GPT (in place, so checkpoint keys stay those of the plain model).
         skip_nonfinite_steps: skip a step whose gradients are inf or nan (counted in train/skipped_steps) instead of
