@@ -6,9 +6,9 @@
 import torch
 from jsonargparse import auto_cli
 
-from tinygpt_pl.convert import load_model
 from tinygpt_pl.errors import exit_on_bad_input
-from tinygpt_pl.generate import Completion, Sampling
+from tinygpt_pl.generation.generate import Completion, Sampling
+from tinygpt_pl.load import load_model
 
 
 def sample(

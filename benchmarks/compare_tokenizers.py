@@ -23,9 +23,9 @@ import lightning as L
 import yaml
 from cpu_recipe import DEFAULT_CONFIG, DEFAULT_RESULTS, REPO, append_section, machine, run_timed
 
-from tinygpt_pl.checkpoint import read_checkpoint
-from tinygpt_pl.data import TextDataModule
-from tinygpt_pl.module import GPTModule
+from tinygpt_pl.data.datamodule import TextDataModule
+from tinygpt_pl.training.checkpoint import read_checkpoint
+from tinygpt_pl.training.module import GPTModule
 
 TOKENIZERS = {
     "char": ["--data.tokenizer", "char"],

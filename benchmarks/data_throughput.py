@@ -32,7 +32,7 @@ from importlib.metadata import version
 from multiprocessing import Pool
 from pathlib import Path
 
-from tinygpt_pl.tokenizer import get_tokenizer
+from tinygpt_pl.data.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "benchmarks" / "results.md"
@@ -101,7 +101,7 @@ def raw_tiktoken(corpus: str, num_proc: int) -> dict:
 
 
 def prepare(corpus: str, cache: str, num_proc: int) -> dict:
-    from tinygpt_pl.data import TextDataModule
+    from tinygpt_pl.data.datamodule import TextDataModule
 
     sampler = PeakAnonMemory()
     sampler.start()
@@ -119,7 +119,7 @@ def prepare(corpus: str, cache: str, num_proc: int) -> dict:
 
 def serve(corpus: str, cache: str, batches: int) -> dict:
     """Tokens/s of one DataLoader worker making 16 x 1024 training batches from the memmap."""
-    from tinygpt_pl.data import IndexedBatches, TextDataModule, TrainBatchMaker
+    from tinygpt_pl.data.datamodule import IndexedBatches, TextDataModule, TrainBatchMaker
 
     dm = TextDataModule(path=corpus, tokenizer="gpt2", cache_dir=cache, block_size=1024, batch_size=16, num_workers=1)
     dm.setup("fit")
@@ -159,7 +159,7 @@ def main() -> None:
         print(json.dumps(job(*json.loads(args.job_args))))
         return
 
-    from tinygpt_pl.data import default_cache_dir, fetch_tiny_shakespeare
+    from tinygpt_pl.data.datamodule import default_cache_dir, fetch_tiny_shakespeare
 
     text = Path(args.data_path or fetch_tiny_shakespeare(default_cache_dir())).read_text()
     rows = []

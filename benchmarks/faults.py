@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cpu_recipe import DEFAULT_RESULTS, REPO, machine, project_val_losses
 
-from tinygpt_pl.checkpoint import checkpoint_step
+from tinygpt_pl.training.checkpoint import checkpoint_step
 
 CONFIG = REPO / "configs" / "shakespeare_char_cpu.yaml"
 

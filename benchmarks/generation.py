@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from cpu_recipe import DEFAULT_RESULTS, REPO, machine
 
-from tinygpt_pl.convert import load_model
-from tinygpt_pl.generate import Completion, Sampling, stream_ids
+from tinygpt_pl.generation.generate import Completion, Sampling, stream_ids
+from tinygpt_pl.load import load_model
 from tinygpt_pl.model import GPT, GPTConfig
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=1024)

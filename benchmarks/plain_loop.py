@@ -10,9 +10,9 @@ from dataclasses import fields
 
 import torch
 
-from tinygpt_pl.data import TextDataModule, train_batch
+from tinygpt_pl.data.datamodule import TextDataModule, train_batch
 from tinygpt_pl.model import GPT, GPTConfig
-from tinygpt_pl.module import cosine_lr
+from tinygpt_pl.training.module import cosine_lr
 
 
 def build(hp: Mapping, device: torch.device, precision: str) -> tuple[GPT, torch.optim.AdamW]:

@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from plain_loop import autocast, build, train_step  # noqa: E402
 
-from tinygpt_pl.cli import TrainCLI  # noqa: E402
-from tinygpt_pl.throughput import compute_dtype, peak_flops  # noqa: E402
+from tinygpt_pl.training.cli import TrainCLI  # noqa: E402
+from tinygpt_pl.training.throughput import compute_dtype, peak_flops  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

@@ -13,9 +13,9 @@ def find_tiny_shakespeare(shared: Path = SHARED_CORPUS, cache_dir: Path | None =
     (offline), else the project's cache (default_cache_dir()), which downloads it once. Fails the test in one line
     when neither works."""
     # Imported here, not at the top: torch and Lightning load only for the tests that need the corpus.
-    from tinygpt_pl.data import TINY_SHAKESPEARE_SHA256, default_cache_dir, fetch_tiny_shakespeare
+    from tinygpt_pl.data.cache import sha256_of
+    from tinygpt_pl.data.datamodule import TINY_SHAKESPEARE_SHA256, default_cache_dir, fetch_tiny_shakespeare
     from tinygpt_pl.errors import UsageError
-    from tinygpt_pl.prepare import sha256_of
 
     if shared.is_file() and sha256_of(shared) == TINY_SHAKESPEARE_SHA256:
         return shared
@@ -90,8 +90,8 @@ def gpt2_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tinygpt_pl.export import hf_tokenizer
-    from tinygpt_pl.tokenizer import get_tokenizer
+    from tinygpt_pl.data.tokenizer import get_tokenizer
+    from tinygpt_pl.hf.tokenizer import hf_tokenizer
 
     folder = tmp_path_factory.mktemp("gpt2-standin")
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import lightning as L
 import pytest
 import torch
 
-from tinygpt_pl.data import TextDataModule
-from tinygpt_pl.module import GPTModule
+from tinygpt_pl.data.datamodule import TextDataModule
+from tinygpt_pl.training.module import GPTModule
 
 
 def validate(data: TextDataModule, **trainer_options) -> dict[str, float]:

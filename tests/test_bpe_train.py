@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT, run_script, train
 from test_bad_input import assert_one_error_line, digests
 
-from tinygpt_pl.cli import TrainCLI
+from tinygpt_pl.training.cli import TrainCLI
 
 GPT2_DEBUG = ["--data.tokenizer", "gpt2", "--data.num_proc", "1", "--model.sample_tokens", "5"]
 

@@ -10,10 +10,10 @@ import torch
 from conftest import ROOT
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from tinygpt_pl.cli import TrainCLI, main
-from tinygpt_pl.convert import load_model
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.generate import Completion, Sampling
+from tinygpt_pl.generation.generate import Completion, Sampling
+from tinygpt_pl.load import load_model
+from tinygpt_pl.training.cli import TrainCLI, main
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:\tSpeak, speak."
 

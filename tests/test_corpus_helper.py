@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import find_tiny_shakespeare
 
-from tinygpt_pl import data
+from tinygpt_pl.data import datamodule as data
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from conftest import ROOT
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from tinygpt_pl.cli import main as train
-from tinygpt_pl.convert import load_model
+from tinygpt_pl.data.tokenizer import CharTokenizer
 from tinygpt_pl.export import main as export
-from tinygpt_pl.tokenizer import CharTokenizer
+from tinygpt_pl.load import load_model
+from tinygpt_pl.training.cli import main as train
 
 FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 

@@ -18,7 +18,7 @@ from test_bad_input import assert_one_error_line, digests
 from test_interrupt import finish, saved_step, start, wait_for_training
 from test_train import events
 
-from tinygpt_pl.nonfinite import NonFiniteGuard
+from tinygpt_pl.training.safety.nonfinite import NonFiniteGuard
 
 DIVERGES = ["--model.learning_rate", "1000", "--trainer.gradient_clip_val", "null"]
 

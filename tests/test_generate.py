@@ -1,13 +1,13 @@
-"""Generation (tinygpt_pl/generate.py) on tiny models: the key/value cache computes what the plain path computes, also
+"""Generation (generation/generate.py) on tiny models: the key/value cache computes what the plain path computes, also
 past the context; sampling options, the end-of-text token, stop strings, streaming and seeds."""
 
 import pytest
 import torch
 
+from tinygpt_pl.data.tokenizer import CharTokenizer, get_tokenizer
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.generate import Completion, NextTokenLogits, Sampling, generate, stream_ids
+from tinygpt_pl.generation.generate import Completion, NextTokenLogits, Sampling, generate, stream_ids
 from tinygpt_pl.model import GPT, GPTConfig
-from tinygpt_pl.tokenizer import CharTokenizer, get_tokenizer
 
 CHARS = CharTokenizer("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 

@@ -10,12 +10,12 @@ import yaml
 from conftest import ROOT
 
 from tinygpt_pl.bigram import BigramConfig, BigramLanguageModel
-from tinygpt_pl.checkpoint import load_checkpoint
-from tinygpt_pl.cli import main
-from tinygpt_pl.data import TextDataModule
-from tinygpt_pl.generate import Sampling, generate
+from tinygpt_pl.data.datamodule import TextDataModule
+from tinygpt_pl.generation.generate import Sampling, generate
+from tinygpt_pl.load import load_checkpoint
 from tinygpt_pl.model import Block, PlainBlock
-from tinygpt_pl.module import GPTModule
+from tinygpt_pl.training.cli import main
+from tinygpt_pl.training.module import GPTModule
 
 STAGES = sorted(p.stem for p in (ROOT / "configs" / "lecture").glob("*.yaml"))
 V = 65  # tiny Shakespeare's characters

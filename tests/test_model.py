@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tinygpt_pl.generate import Sampling, generate
+from tinygpt_pl.generation.generate import Sampling, generate
 from tinygpt_pl.model import GPT, GPTConfig
 
 

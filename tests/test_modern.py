@@ -15,12 +15,12 @@ from test_bad_input import assert_one_error_line
 from test_model import tiny
 from test_scale import DDP, EVERY_STEP, FSDP
 
-from tinygpt_pl.data import TextDataModule
+from tinygpt_pl.data.datamodule import TextDataModule
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.fsdp import fsdp_strategy
 from tinygpt_pl.model import GPT, RotaryEmbedding
-from tinygpt_pl.module import GPTModule, cosine_lr, wsd_lr
-from tinygpt_pl.optim import Muon, MuonWithAdamW, orthogonalize
+from tinygpt_pl.training.fsdp import fsdp_strategy
+from tinygpt_pl.training.module import GPTModule, cosine_lr, wsd_lr
+from tinygpt_pl.training.optim import Muon, MuonWithAdamW, orthogonalize
 
 
 def nanogpt_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinygpt_pl.data import TextDataModule
-from tinygpt_pl.module import GPTModule, cosine_lr
+from tinygpt_pl.data.datamodule import TextDataModule
+from tinygpt_pl.training.module import GPTModule, cosine_lr
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():

@@ -12,10 +12,10 @@ from conftest import train
 from test_bad_input import assert_one_error_line
 from test_train import events
 
-from tinygpt_pl.checkpoint import load_checkpoint
-from tinygpt_pl.cli import Machine, accumulation, check_precision, check_strategy, count_devices
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.module import GPTModule
+from tinygpt_pl.load import load_checkpoint
+from tinygpt_pl.training.cli import Machine, accumulation, check_precision, check_strategy, count_devices
+from tinygpt_pl.training.module import GPTModule
 
 # train/loss at every step, a validation every 2 steps (at indices 1, 3, 5, 7), one schedule for 8 steps
 EVERY_STEP = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2", "--model.lr_decay_steps", "8",

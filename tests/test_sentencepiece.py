@@ -12,10 +12,10 @@ import torch
 from conftest import ROOT
 from sentencepiece import sentencepiece_model_pb2
 
-from tinygpt_pl.checkpoint import load_checkpoint
-from tinygpt_pl.cli import main
-from tinygpt_pl.data import TextDataModule
-from tinygpt_pl.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from tinygpt_pl.data.datamodule import TextDataModule
+from tinygpt_pl.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from tinygpt_pl.load import load_checkpoint
+from tinygpt_pl.training.cli import main
 
 VOCAB = 512
 SENTENCEPIECE = ["--data.tokenizer", "sentencepiece", "--data.tokenizer_vocab_size", str(VOCAB)]

@@ -18,8 +18,8 @@ import torch
 from conftest import ROOT, run_script
 from test_bad_input import assert_one_error_line
 
-from tinygpt_pl.convert import load_model
-from tinygpt_pl.generate import Completion, Sampling
+from tinygpt_pl.generation.generate import Completion, Sampling
+from tinygpt_pl.load import load_model
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: a second thread only costs on a loaded machine
 

@@ -11,8 +11,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
-from tinygpt_pl.errors import UsageError
-from tinygpt_pl.tokenizer import (
+from tinygpt_pl.data.tokenizer import (
     TIKTOKEN_NAMES,
     CharTokenizer,
     TiktokenTokenizer,
@@ -21,6 +20,7 @@ from tinygpt_pl.tokenizer import (
     padded_vocab_size,
     tokenizer_from_state,
 )
+from tinygpt_pl.errors import UsageError
 
 # What BPE pre-tokenization is touchy about: contractions, digits, runs of spaces and newlines, code, accents, CJK,
 # emoji (multi-codepoint too), and a special token's text.

@@ -8,8 +8,8 @@ import torch
 from conftest import ROOT, run_script, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tinygpt_pl.cli import TrainCLI
-from tinygpt_pl.module import cosine_lr
+from tinygpt_pl.training.cli import TrainCLI
+from tinygpt_pl.training.module import cosine_lr
 
 
 def events(root: Path, version: int = 0) -> EventAccumulator:

@@ -6,8 +6,13 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from tinygpt_pl import versions
-from tinygpt_pl.versions import INSTALL_TESTED, SUPPORTED_LIGHTNING, check_lightning_version, warn_if_untested_lightning
+from tinygpt_pl.training.safety import versions
+from tinygpt_pl.training.safety.versions import (
+    INSTALL_TESTED,
+    SUPPORTED_LIGHTNING,
+    check_lightning_version,
+    warn_if_untested_lightning,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

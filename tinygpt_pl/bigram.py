@@ -2,17 +2,15 @@
 
 Each token reads the logits of the token after it from a vocab_size x vocab_size lookup table; nothing earlier in
 the context counts. The GPT (model.py) grows out of it: the table becomes a token embedding, and attention lets the
-tokens before it have a say. build_model picks one of the two from a run's hyperparameters.
+tokens before it have a say.
 """
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from tinygpt_pl.model import GPT, GPTConfig, KVCache
+from tinygpt_pl.model import GPT, KVCache
 
 
 @dataclass
@@ -46,21 +44,3 @@ class BigramLanguageModel(nn.Module):
         return x
 
     forward = GPT.forward  # the GPT's, written against hidden_states and logits alone: the same loss for both models
-
-
-def build_model(hparams: Mapping[str, Any]) -> GPT | BigramLanguageModel:
-    """The model that GPTModule's hyperparameters describe (module.py), for training and for load_checkpoint.
-
-    init "pytorch" gives each layer PyTorch's own initialisation (N(0, 1) embeddings, Linear weights and biases
-    uniform in +-1/sqrt(fan_in)), as the lecture's stages 1-5 had it: their val losses depend on it. (The GPT's
-    N(0, 0.02) came with the lecture's final model; from it, stage 1 ends its 5000 steps at 2.54 instead of 2.40.)
-    """
-    if hparams.get("arch") == "bigram":
-        return BigramLanguageModel(BigramConfig(hparams["vocab_size"], hparams["block_size"]))
-    # options newer than a checkpoint keep their defaults, which built the model it holds
-    model = GPT(GPTConfig(**{f.name: hparams[f.name] for f in fields(GPTConfig) if f.name in hparams}))
-    if hparams.get("init") == "pytorch":
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    return model

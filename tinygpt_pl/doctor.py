@@ -200,7 +200,7 @@ def timed_steps(
 
 def describe_speed(speed: Speed, device: torch.device, precision: str) -> str:
     """Tokens/s and MFU as train.py logs them: the model's FLOPs per second over the device's dense peak."""
-    from tinygpt_pl.throughput import peak_flops  # imports Lightning
+    from tinygpt_pl.training.throughput import peak_flops  # imports Lightning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning warns about devices missing from its table
@@ -564,7 +564,7 @@ def doctor(*, ckpt_dir: str = "out", cache_dir: str | None = None, steps: int = 
         steps: timed training steps on each device, after warmup (on a CPU: those that start within 5 s).
         write_mb: MiB written to each folder to measure its write speed.
     """
-    from tinygpt_pl.data import default_cache_dir  # imports Lightning
+    from tinygpt_pl.data.datamodule import default_cache_dir  # imports Lightning
 
     for option, value in (("steps", steps), ("write_mb", write_mb)):
         if value < 1:

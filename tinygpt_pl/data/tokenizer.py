@@ -43,7 +43,7 @@ SENTENCEPIECE_OPTIONS = {
     "byte_fallback": True,
     "character_coverage": 1.0,
     "allow_whitespace_only_pieces": True,  # runs of spaces (indentation) become pieces
-    "max_sentence_length": 1 << 16,  # bytes; its "sentences" are paragraphs here (see prepare.training_text)
+    "max_sentence_length": 1 << 16,  # bytes; its "sentences" are paragraphs here (see cache.training_text)
     "unk_id": 0,
     "bos_id": -1,
     "eos_id": 1,

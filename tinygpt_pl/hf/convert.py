@@ -20,11 +20,8 @@ from typing import Any
 
 import torch
 
-from tinygpt_pl.bigram import BigramLanguageModel
-from tinygpt_pl.checkpoint import load_checkpoint
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.model import GPT, GPTConfig
-from tinygpt_pl.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_state
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 on the Hugging Face hub
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -197,32 +194,3 @@ def hf_state_from_gpt(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
         if name.startswith(("transformer.h.", "transformer.ln_f.")) and name.endswith(".weight"):
             state.setdefault(name.removesuffix("weight") + "bias", tensor.new_zeros(tensor.shape[0]))
     return {name: tensor.contiguous() for name, tensor in state.items()}
-
-
-def hf_tokenizer(config: dict) -> Tokenizer:
-    """The tokenizer of a Hugging Face GPT-2: the one an export from this project recorded, else GPT-2's BPE."""
-    return tokenizer_from_state(config[TOKENIZER_KEY]) if TOKENIZER_KEY in config else get_tokenizer("gpt2")
-
-
-def load_hf(source: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """The GPT (in eval mode) and tokenizer of a Hugging Face GPT-2: a save_pretrained folder or a hub name."""
-    config = hf_config(source)
-    values = gpt_config_from_hf(config, source)
-    tokenizer = hf_tokenizer(config)
-    if values["vocab_size"] < tokenizer.vocab_size:
-        raise UsageError(
-            f"{source} has {values['vocab_size']} token embeddings, fewer than the {tokenizer.vocab_size} of its "
-            f"tokenizer ({tokenizer.name}): pass a GPT-2 model with GPT-2's vocabulary"
-        )
-    model = GPT(GPTConfig(**values, dropout=0.0))
-    model.load_state_dict(gpt_state_from_hf(hf_weights(source), values["block_size"]))
-    return model.to(device).eval(), tokenizer
-
-
-def load_model(source: str, device: str = "cpu") -> tuple[GPT | BigramLanguageModel, Tokenizer]:
-    """The GPT (in eval mode, on device) and tokenizer of source: a train.py checkpoint (.ckpt file), a Hugging Face
-    GPT-2 folder (what save_pretrained or tinygpt_pl.export wrote), or a GPT-2 on the hub (gpt2 ... gpt2-xl)."""
-    if Path(source).expanduser().is_file() or source.endswith(".ckpt"):
-        model, tokenizer = load_checkpoint(Path(source).expanduser(), map_location=device)
-        return model.to(device), tokenizer
-    return load_hf(source, device)

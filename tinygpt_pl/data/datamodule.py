@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tinygpt_pl.errors import UsageError
-from tinygpt_pl.prepare import (
+from tinygpt_pl.data.cache import (
     cached_sentencepiece,
     check_token_file,
     open_tokens,
@@ -36,9 +35,8 @@ from tinygpt_pl.prepare import (
     tokenize_to_file,
     training_text,
 )
-from tinygpt_pl.signals import ignore_signals
-from tinygpt_pl.sources import load_hub, load_local, local_files, source_key
-from tinygpt_pl.tokenizer import (
+from tinygpt_pl.data.sources import load_hub, load_local, local_files, source_key
+from tinygpt_pl.data.tokenizer import (
     SENTENCEPIECE,
     SENTENCEPIECE_OPTIONS,
     TOKENIZER_NAMES,
@@ -49,6 +47,8 @@ from tinygpt_pl.tokenizer import (
     tokenizer_from_state,
     train_sentencepiece,
 )
+from tinygpt_pl.errors import UsageError
+from tinygpt_pl.training.safety.signals import ignore_signals
 
 DEFAULT_SEED = 1337
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -291,7 +291,7 @@ class TextDataModule(L.LightningDataModule):
         return n if self.token_dir is None else padded_vocab_size(n)
 
     def trained_sentencepiece(self, vocab_size: int, model_type: str) -> SentencePieceTokenizer:
-        """The SentencePiece model of the source's training text (prepare.training_text), trained once and kept in
+        """The SentencePiece model of the source's training text (cache.training_text), trained once and kept in
         the cache by source, split and settings."""
         settings = [self.source_digest, self.val_fraction, vocab_size, model_type, SENTENCEPIECE_OPTIONS]
         digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]

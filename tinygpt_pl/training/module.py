@@ -1,9 +1,10 @@
 """The LightningModule: the GPT with its optimizer, learning-rate schedule and validation loss."""
 
 import math
+from collections.abc import Mapping
 from dataclasses import fields
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -11,13 +12,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
-from tinygpt_pl.bigram import build_model
-from tinygpt_pl.convert import gpt_state_from_hf, hf_weights, init_from_hparams
+from tinygpt_pl.bigram import BigramConfig, BigramLanguageModel
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.generate import Sampling, generate
-from tinygpt_pl.model import GPTConfig
-from tinygpt_pl.nonfinite import NonFiniteGuard
-from tinygpt_pl.optim import Muon, MuonWithAdamW, check_optimizer_strategy
+from tinygpt_pl.generation.generate import Sampling, generate
+from tinygpt_pl.hf.convert import gpt_state_from_hf, hf_weights, init_from_hparams
+from tinygpt_pl.model import GPT, GPTConfig
+from tinygpt_pl.training.optim import Muon, MuonWithAdamW, check_optimizer_strategy
+from tinygpt_pl.training.safety.nonfinite import NonFiniteGuard
 
 # what a checkpoint's weights fix, with the value of a checkpoint written before the option existed
 SHAPE_DEFAULTS = {"arch": "gpt", **{f.name: f.default for f in fields(GPTConfig) if f.name != "dropout"}}
@@ -45,6 +46,24 @@ def wsd_lr(
     return learning_rate + progress * (min_lr - learning_rate)
 
 
+def build_model(hparams: Mapping[str, Any]) -> GPT | BigramLanguageModel:
+    """The model that GPTModule's hyperparameters describe (below), for training and for load.load_checkpoint.
+
+    init "pytorch" gives each layer PyTorch's own initialisation (N(0, 1) embeddings, Linear weights and biases
+    uniform in +-1/sqrt(fan_in)), as the lecture's stages 1-5 had it: their val losses depend on it. (The GPT's
+    N(0, 0.02) came with the lecture's final model; from it, stage 1 ends its 5000 steps at 2.54 instead of 2.40.)
+    """
+    if hparams.get("arch") == "bigram":
+        return BigramLanguageModel(BigramConfig(hparams["vocab_size"], hparams["block_size"]))
+    # options newer than a checkpoint keep their defaults, which built the model it holds
+    model = GPT(GPTConfig(**{f.name: hparams[f.name] for f in fields(GPTConfig) if f.name in hparams}))
+    if hparams.get("init") == "pytorch":
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
+
+
 class GPTModule(L.LightningModule):
     """Trains a GPT: next-token cross-entropy, AdamW (or Muon with AdamW), warm-up + cosine (or warm-up-stable-decay)
     schedule stepped per optimizer step.
@@ -53,7 +72,7 @@ class GPTModule(L.LightningModule):
         vocab_size, block_size: set from the data (linked by the CLI).
         arch: gpt, or the lecture's bigram model (bigram.py), which ignores the options of the GPT's shape.
         init: the GPT's initialisation: gpt2 (N(0, 0.02), residual projections scaled down; GPT.__init__), or pytorch:
-            each layer's own default, as the lecture's stages before its final model have it (bigram.build_model).
+            each layer's own default, as the lecture's stages before its final model have it (build_model).
         n_layer, n_head, n_embd, dropout, bias: the Transformer's shape (see GPTConfig).
         activation, pos_emb, feed_forward, residual, norm: the lecture's stages and GPT-2's GELU (see GPTConfig).
         qk_norm, tie_weights, zero_init_proj, logit_softcap: the modern recipe's model options (see GPTConfig).
@@ -73,13 +92,13 @@ class GPTModule(L.LightningModule):
         sample_tokens: length of the text sample logged to TensorBoard at each validation (0: none).
         compile: torch.compile the GPT (in place, so checkpoint keys stay those of the plain model).
         skip_nonfinite_steps: skip a step whose gradients are inf or nan (counted in train/skipped_steps) instead of
-            stopping the run; it still stops after max_skips_in_a_row such steps in a row. See nonfinite.py.
+            stopping the run; it still stops after max_skips_in_a_row such steps in a row. See safety/nonfinite.py.
         max_skips_in_a_row: how many skipped steps in a row end the run.
 
     Nothing in a training step waits for the GPU: train/loss, lr and grad_norm are logged only on the steps that log
     (every trainer.log_every_n_steps), and train/loss is then the mean over the whole global batch. A loss or gradient
     norm that turns non-finite is caught on the device and stops the run before any checkpoint or sample is made from
-    non-finite weights (nonfinite.py).
+    non-finite weights (safety/nonfinite.py).
     """
 
     def __init__(
@@ -317,10 +336,10 @@ class GPTModule(L.LightningModule):
                 f"the checkpoint's optimizer state is {trained_with}'s, not {self.hparams.optimizer}'s: "
                 f"resume with --model.optimizer {trained_with}"
             )
-        # A resumed run's train loader starts at the saved optimizer step (data.py), perhaps with another accumulation
-        # (the same global batch on another device count). Lightning counts micro-batches, so recount those done in
-        # the new run's units, all of them finished: else it validates and saves at the wrong micro-batches and
-        # steps the optimizer mid-accumulation.
+        # A resumed run's train loader starts at the saved optimizer step (datamodule.py), perhaps with another
+        # accumulation (the same global batch on another device count). Lightning counts micro-batches, so recount
+        # those done in the new run's units, all of them finished: else it validates and saves at the wrong
+        # micro-batches and steps the optimizer mid-accumulation.
         if "loops" in checkpoint:
             progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
             done = checkpoint["global_step"] * self.trainer.accumulate_grad_batches

@@ -1,5 +1,5 @@
-"""Checkpoints: the ModelCheckpoint that train.py runs, and loading a trained GPT from a checkpoint alone, without
-Lightning and without unpickling code."""
+"""Checkpoints of a run: the ModelCheckpoint that train.py runs, files written whole or not at all, and reading a
+checkpoint file without unpickling code (tinygpt_pl.load builds a model from one)."""
 
 import os
 from collections.abc import Callable
@@ -11,11 +11,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tinygpt_pl.bigram import BigramLanguageModel, build_model
-from tinygpt_pl.data import TextDataModule
 from tinygpt_pl.errors import RunStopped, UsageError
-from tinygpt_pl.model import GPT
-from tinygpt_pl.tokenizer import Tokenizer, tokenizer_from_state
 
 TEMPORARY_GLOB = ".*.ckpt.*.tmp"  # AtomicCheckpointIO's files being written
 
@@ -37,7 +33,7 @@ class RunCheckpoint(ModelCheckpoint):
         last = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         if self.save_last and os.path.isfile(last):
             self.last_model_path = last  # this run's, resumed: overwrite it
-        if trainer.is_global_zero:  # the run folder is locked (runlock.py): these are a killed process's
+        if trainer.is_global_zero:  # the run folder is locked (safety/runlock.py): these are a killed process's
             for tmp in Path(self.dirpath).glob(TEMPORARY_GLOB):
                 tmp.unlink()
 
@@ -137,23 +133,3 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise UsageError(
             f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}): pass a .ckpt written by train.py"
         ) from None
-
-
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[GPT | BigramLanguageModel, Tokenizer]:
-    """The model (in eval mode: the GPT, or the lecture's bigram model) and the tokenizer that a training checkpoint
-    holds."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {str(path)!r} does not exist: pass --ckpt_path to a .ckpt file of a run")
-    checkpoint = read_checkpoint(path, map_location)
-    if "state_dict" not in checkpoint or TextDataModule.__qualname__ not in checkpoint:
-        raise UsageError(f"{str(path)!r} is not a tinygpt_pl training checkpoint: pass a .ckpt written by train.py")
-    hparams = checkpoint["hyper_parameters"]
-    model = build_model(hparams)
-    prefix = "model."
-    state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    tokenizer = tokenizer_from_state(checkpoint[TextDataModule.__qualname__]["tokenizer"])
-    return model.eval(), tokenizer

@@ -22,17 +22,17 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from tinygpt_pl.checkpoint import AtomicCheckpointIO, RunCheckpoint, newest_intact_checkpoint, read_checkpoint
-from tinygpt_pl.data import DEFAULT_SEED, TextDataModule
+from tinygpt_pl.data.datamodule import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import RunStopped, UsageError, exit_on_bad_input
-from tinygpt_pl.fsdp import fsdp_strategy
-from tinygpt_pl.interrupt import GracefulStop
-from tinygpt_pl.module import GPTModule
-from tinygpt_pl.optim import check_optimizer_strategy
-from tinygpt_pl.runlock import RunLock
-from tinygpt_pl.signals import at_abort, is_global_rank_zero
-from tinygpt_pl.throughput import ThroughputMonitor
-from tinygpt_pl.versions import warn_if_untested_lightning
+from tinygpt_pl.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, newest_intact_checkpoint, read_checkpoint
+from tinygpt_pl.training.fsdp import fsdp_strategy
+from tinygpt_pl.training.module import GPTModule
+from tinygpt_pl.training.optim import check_optimizer_strategy
+from tinygpt_pl.training.safety.interrupt import GracefulStop
+from tinygpt_pl.training.safety.runlock import RunLock
+from tinygpt_pl.training.safety.signals import at_abort, is_global_rank_zero
+from tinygpt_pl.training.safety.versions import warn_if_untested_lightning
+from tinygpt_pl.training.throughput import ThroughputMonitor
 
 
 @dataclass(frozen=True)

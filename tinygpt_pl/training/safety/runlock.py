@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.signals import at_abort
+from tinygpt_pl.training.safety.signals import at_abort
 
 LOCK_NAME = ".lock"
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from tinygpt_pl.signals import (
+from tinygpt_pl.training.safety.signals import (
     detach_from_terminal,
     install,
     is_global_rank_zero,

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tinygpt_pl.data.sources import DOCUMENT_END
+from tinygpt_pl.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.sources import DOCUMENT_END
-from tinygpt_pl.tokenizer import SentencePieceTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from datasets import Dataset

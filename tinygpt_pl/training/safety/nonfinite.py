@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from tinygpt_pl.checkpoint import checkpoint_step
 from tinygpt_pl.errors import RunStopped
+from tinygpt_pl.training.checkpoint import checkpoint_step
 
 
 class Diverged(RunStopped):
