@@ -101,3 +101,23 @@ def test_generate_crops_context_and_respects_options():
 def test_rejects_heads_that_do_not_divide_n_embd():
     with pytest.raises(ValueError, match="divisible"):
         GPT(GPTConfig(n_embd=30, n_head=4))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=False),  # the lecture's
+        dict(vocab_size=50304, block_size=64, n_layer=3, n_head=4, n_embd=64, dropout=0.0, bias=True),  # GPT-2's style
+    ],
+)
+def test_same_seed_same_initial_weights_as_nanogpt(shape: dict) -> None:
+    """torch.manual_seed(s); GPT(config) draws nanoGPT's weights, bit for bit (tests/nanogpt_reference.py)."""
+    from nanogpt_reference import NanoGPT
+
+    torch.manual_seed(1337)
+    ours = GPT(GPTConfig(**shape)).state_dict()
+    torch.manual_seed(1337)
+    reference = NanoGPT(GPTConfig(**shape)).state_dict()
+    assert list(ours) == list(reference)  # the same parameters in the same order: the optimizer's order too
+    for name, tensor in reference.items():
+        assert torch.equal(ours[name], tensor), name

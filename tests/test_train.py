@@ -1,5 +1,6 @@
 """train.py and sample.py end to end, as a user runs them, on the debug config."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -90,3 +91,26 @@ def test_seed_everything_fixes_the_data_order_too(tmp_path, corpus, args, data_s
     cli = TrainCLI(["--config", str(ROOT / "configs" / "debug.yaml"), "--data.path", str(corpus),
                     "--trainer.default_root_dir", str(tmp_path), *args])  # fmt: skip
     assert cli.datamodule.seed == data_seed
+
+
+def test_a_checkpoint_from_before_nanogpts_order_resumes_exactly(tmp_path, corpus):
+    """A checkpoint written while the GPT created its position embedding after the Blocks (tests/fixtures, from commit
+    a47ff2f) numbers its optimizer state in that order; resumed now, each parameter gets its own state back and the
+    run logs the losses that commit's resume logged."""
+    fixture = ROOT / "tests" / "fixtures" / "ckpt_a47ff2f_learned_pos_last.ckpt"
+    expected = json.loads(fixture.with_suffix(".json").read_text())
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(fixture, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus.read_text()[:20_000])
+    result = train(tmp_path / "run", text, "--ckpt_path", "last", "--trainer.max_steps", "8",
+                   "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1", "--model.n_layer", "1",
+                   "--model.n_embd", "16", "--data.block_size", "8", "--data.batch_size", "4",
+                   "--model.sample_tokens", "0", "--data.cache_dir", str(tmp_path / "cache"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ea = events(tmp_path / "run")
+    for tag, key in (("train/loss", "train_loss"), ("val/loss", "val_loss")):
+        logged = {str(e.step): e.value for e in ea.Scalars(tag)}
+        assert logged.keys() == expected[key].keys()
+        for step, value in expected[key].items():
+            assert logged[step] == pytest.approx(value, abs=1e-5), (tag, step)

@@ -223,14 +223,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        modules = dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([(Block if config.residual else PlainBlock)(config) for _ in range(config.n_layer)]),
-            ln_f=make_norm(config, config.n_embd),
-        )
+        # nanoGPT's order of construction: the same seed draws the same initial weights
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embedding
         if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList(
+            [(Block if config.residual else PlainBlock)(config) for _ in range(config.n_layer)]
+        )
+        modules["ln_f"] = make_norm(config, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:

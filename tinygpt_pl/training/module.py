@@ -17,7 +17,7 @@ from tinygpt_pl.errors import UsageError
 from tinygpt_pl.generation.generate import Sampling, generate
 from tinygpt_pl.hf.convert import gpt_state_from_hf, hf_weights, init_from_hparams
 from tinygpt_pl.model import GPT, GPTConfig
-from tinygpt_pl.training.optim import Muon, MuonWithAdamW, check_optimizer_strategy
+from tinygpt_pl.training.optim import Muon, MuonWithAdamW, check_optimizer_strategy, renumber_optimizer_state
 from tinygpt_pl.training.safety.nonfinite import NonFiniteGuard
 
 # what a checkpoint's weights fix, with the value of a checkpoint written before the option existed
@@ -272,6 +272,14 @@ class GPTModule(L.LightningModule):
         text = tokenizer.decode(out[0].tolist())
         self.logger.experiment.add_text("sample", f"```\n{text}\n```", self.global_step)
 
+    def optimizer_layout(self, names: list[str]) -> list[list[str]]:
+        """The parameters (by name, in model order) of each optimizer group, in the order the optimizer's state
+        numbers them: AdamW's weight-decayed ones, AdamW's others, then Muon's hidden matrices (if Muon)."""
+        muon = self.hparams.optimizer == "muon"
+        hidden = [name for name in names if muon and name.startswith("transformer.h.") and self.decayed[name]]
+        decay = [name for name in names if self.decayed[name] and name not in hidden]
+        return [decay, [name for name in names if not self.decayed[name]], hidden]
+
     def configure_optimizers(self) -> dict:
         # by name, as shapes were before any wrapping: FSDP shows each parameter as a flat 1-D shard here
         params = {name.replace("_fsdp_wrapped_module.", ""): p for name, p in self.model.named_parameters()}
@@ -284,12 +292,10 @@ class GPTModule(L.LightningModule):
         muon = hp.optimizer == "muon"
         check_optimizer_strategy(hp.optimizer, fsdp=isinstance(self.trainer.strategy, FSDPStrategy))
         trained = {name: p for name, p in params.items() if p.requires_grad}
-        hidden = [name for name in trained if muon and name.startswith("transformer.h.") and self.decayed[name]]
-        decay = [p for name, p in trained.items() if self.decayed[name] and name not in hidden]
-        no_decay = [p for name, p in trained.items() if not self.decayed[name]]
+        decay, no_decay, hidden = self.optimizer_layout(list(trained))
         groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [trained[name] for name in decay], "weight_decay": hp.weight_decay},
+            {"params": [trained[name] for name in no_decay], "weight_decay": 0.0},
         ]
         # fused: one kernel per step on GPUs; also the only AdamW that can skip a step on the device (found_inf)
         fused = self.device.type == "cuda" or hp.skip_nonfinite_steps
@@ -336,6 +342,13 @@ class GPTModule(L.LightningModule):
                 f"the checkpoint's optimizer state is {trained_with}'s, not {self.hparams.optimizer}'s: "
                 f"resume with --model.optimizer {trained_with}"
             )
+        if "optimizer_states" in checkpoint and not checkpoint.get("fsdp"):  # FSDP's state is keyed by name
+            # a checkpoint's model order (its state_dict's): until the GPT was built in nanoGPT's order again, the
+            # position embedding came after the Blocks, and the optimizer state numbers parameters in model order
+            saved = [key.removeprefix("model.") for key in checkpoint["state_dict"]]
+            saved = [name for name in saved if name in self.decayed]
+            renumber_optimizer_state(checkpoint["optimizer_states"][0], self.optimizer_layout(saved),
+                                     self.optimizer_layout(list(self.decayed)))  # fmt: skip
         # A resumed run's train loader starts at the saved optimizer step (datamodule.py), perhaps with another
         # accumulation (the same global batch on another device count). Lightning counts micro-batches, so recount
         # those done in the new run's units, all of them finished: else it validates and saves at the wrong

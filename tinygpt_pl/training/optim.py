@@ -23,6 +23,21 @@ def check_optimizer_strategy(optimizer: str, fsdp: bool) -> None:
         )
 
 
+def renumber_optimizer_state(state_dict: dict, saved: list[list[str]], current: list[list[str]]) -> None:
+    """Renumber, in place, a torch optimizer's state_dict saved with its parameters (named, per group) in another
+    order: torch numbers them by position and would give each the state of another."""
+    if saved == current:
+        return
+    if [sorted(group) for group in saved] != [sorted(group) for group in current]:
+        raise UsageError(
+            "the checkpoint's optimizer state is for other parameters: resume with the model it was trained with"
+        )
+    position = {name: i for i, name in enumerate(name for group in saved for name in group)}
+    names = [name for group in current for name in group]
+    state = state_dict["state"]
+    state_dict["state"] = {i: state[position[name]] for i, name in enumerate(names) if position[name] in state}
+
+
 def orthogonalize(
     update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
 ) -> torch.Tensor:
