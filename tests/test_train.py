@@ -2,11 +2,14 @@
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script, train
+from conftest import ROOT, STARTED, run_script, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tinygpt_pl.training.cli import TrainCLI
@@ -25,6 +28,8 @@ def test_debug_config_trains_end_to_end(debug_run):
     ea = events(debug_run)
     scalars = ea.Tags()["scalars"]
     assert {"train/loss", "val/loss", "val/ppl", "lr"} <= set(scalars)
+    assert not {"epoch", "hp_metric"} & set(scalars)  # no placeholder cards
+    assert "custom_scalars__config__" in ea.Tags()["tensors"]  # train and val loss on one chart
     val = ea.Scalars("val/loss")
     # Lightning logs at the 0-based index of the last optimizer step: validation after 10 steps lands on 9
     assert [e.step for e in val] == [9, 19] and val[1].value < val[0].value < 4.2
@@ -114,3 +119,38 @@ def test_a_checkpoint_from_before_nanogpts_order_resumes_exactly(tmp_path, corpu
         assert logged.keys() == expected[key].keys()
         for step, value in expected[key].items():
             assert logged[step] == pytest.approx(value, abs=1e-5), (tag, step)
+
+
+def test_the_first_screen_says_what_trains_where_and_warns_of_a_run_too_long_for_the_machine(tmp_path, small_corpus):
+    """Four lines before the first step (what trains on what, the global batch, where the run writes, how to watch it),
+    no warning about our own code, and after the first steps one line saying the run cannot finish in reasonable time
+    on this CPU, with the config that suits it."""
+    args = [
+        "--config",
+        "configs/debug.yaml",
+        "--data.path",
+        str(small_corpus),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.max_steps",
+        "10000000",
+        "--trainer.val_check_interval",
+        "1000000",
+    ]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    STARTED.append(proc)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if line.startswith(("warning:", "estimate:")):
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert lines[0].startswith("training a GPT (2 layers x 32, 2 heads, 0.03M parameters) on small.txt (char tokenizer")
+    assert lines[1].startswith(
+        "global batch: 8 sequences = 1 devices x 8 x 1 accumulated, of 32 tokens; 10000000 steps"
+    )
+    assert lines[2].startswith(f"writing to {tmp_path / 'run'}: checkpoints in {tmp_path / 'run' / 'checkpoints'}")
+    assert lines[3] == f"watch it: tensorboard --logdir {tmp_path / 'run'}"
+    assert len(lines) == 5 and lines[4].startswith("warning: ") and "configs/shakespeare_char_cpu.yaml" in lines[4]

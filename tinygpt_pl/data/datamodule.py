@@ -16,14 +16,14 @@ import os
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from tinygpt_pl.data.cache import (
     cached_sentencepiece,
@@ -129,8 +129,9 @@ def val_batch(tokens: np.ndarray, block_size: int, blocks: np.ndarray) -> tuple[
     return x, y
 
 
-class IndexedBatches(IterableDataset):
-    """Yields make_batch(i) for i in indices, shared out across DataLoader workers so that order is kept."""
+class IndexedBatches(Dataset):
+    """Item i is make_batch(indices[i]): a whole batch, already this rank's share (so the Trainer must not shard it
+    again: TrainCLI turns its distributed sampler off). DataLoader workers take items in turn, so order is kept."""
 
     def __init__(self, make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], indices: range) -> None:
         self.make_batch = make_batch
@@ -139,10 +140,8 @@ class IndexedBatches(IterableDataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker = get_worker_info()
-        indices = self.indices if worker is None else self.indices[worker.id :: worker.num_workers]
-        return map(self.make_batch, indices)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.make_batch(self.indices[i])
 
 
 class TrainBatchMaker:
@@ -289,6 +288,12 @@ class TextDataModule(L.LightningDataModule):
         (it is tiny, and the lecture's model has exactly its 65 characters)."""
         n = self.tokenizer.vocab_size
         return n if self.token_dir is None else padded_vocab_size(n)
+
+    def describe(self) -> str:
+        """The corpus in a few words: source, tokenizer, tokens in each split (after setup)."""
+        source = self.path.name if self.token_dir is None else self.source
+        return (f"{source} ({self.tokenizer.name} tokenizer, {self.tokenizer.vocab_size:,} tokens): "
+                f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens")  # fmt: skip
 
     def trained_sentencepiece(self, vocab_size: int, model_type: str) -> SentencePieceTokenizer:
         """The SentencePiece model of the source's training text (cache.training_text), trained once and kept in

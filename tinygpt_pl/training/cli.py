@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from tinygpt_pl.data.datamodule import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import RunStopped, UsageError, exit_on_bad_input
 from tinygpt_pl.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, newest_intact_checkpoint, read_checkpoint
+from tinygpt_pl.training.console import FirstScreen, RunLogger, StepProgressBar, quiet_lightning, say
 from tinygpt_pl.training.fsdp import fsdp_strategy
 from tinygpt_pl.training.module import GPTModule
 from tinygpt_pl.training.optim import check_optimizer_strategy
@@ -132,7 +133,7 @@ class TrainCLI(LightningCLI):
             parser_kwargs={"exit_on_error": False},  # bad options become one line (exit_on_bad_input)
             # a requeued SLURM job logs to the same version_<job id> folder: its config.yaml is the same run's
             save_config_kwargs={"overwrite": requeued_slurm_job()},
-            trainer_defaults={"callbacks": [ThroughputMonitor(), self.stop]},
+            trainer_defaults={"callbacks": [ThroughputMonitor(), FirstScreen(), self.stop]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -176,16 +177,12 @@ class TrainCLI(LightningCLI):
         self.accumulate = accumulation(
             config.data.global_batch_size, world_size, config.data.batch_size, trainer.accumulate_grad_batches
         )
-        rank_zero_info(
-            f"global batch: {world_size * config.data.batch_size * self.accumulate} sequences "
-            f"= {world_size} devices x {config.data.batch_size} x {self.accumulate} accumulated"
-        )
         if is_global_rank_zero():
             self.lock = RunLock(root)
         with self.abandoned_on_error():
             ckpt_dir = Path(config.checkpoint.dirpath)
             if config.ckpt_path is None and requeued_slurm_job() and (ckpt_dir / "last.ckpt").exists():
-                rank_zero_info(f"SLURM started this job again: resuming from {ckpt_dir / 'last.ckpt'}")
+                say(f"SLURM started this job again: resuming from {ckpt_dir / 'last.ckpt'}")
                 config.ckpt_path = "last"
             config.ckpt_path = resolve_ckpt_path(config.ckpt_path, ckpt_dir)
             check_resume(config.ckpt_path, trainer.strategy)
@@ -226,7 +223,13 @@ class TrainCLI(LightningCLI):
         ):
             # tqdm's lines, also where rich is installed (litserve brings it), where Lightning would pick rich's bar,
             # which shows nothing in a log file until the run ends
-            kwargs["callbacks"] = [*callbacks, TQDMProgressBar()]
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        if self.config_init.trainer.logger in (None, True):  # Lightning's default logger, without its placeholders
+            root = self.config.trainer.default_root_dir or os.getcwd()
+            kwargs["logger"] = RunLogger(root, version=SLURMEnvironment.job_id())
+        if self.config.trainer.enable_model_summary is None:
+            kwargs["enable_model_summary"] = False  # the first screen says it in a line (console.FirstScreen)
+        kwargs["use_distributed_sampler"] = False  # each rank's batches are its own already (datamodule.py)
         return super().instantiate_trainer(**kwargs)
 
 
@@ -288,17 +291,9 @@ def check_resume(ckpt_path: str | None, strategy: str) -> None:
         )
 
 
-def say(line: str) -> None:
-    """One line on stderr from the run's first process (after SIGHUP, perhaps to nowhere)."""
-    if rank_zero_only.rank == 0:
-        try:
-            print(line, file=sys.stderr, flush=True)
-        except OSError:
-            pass
-
-
 @exit_on_bad_input
 def main(args: list[str] | None = None) -> None:
+    quiet_lightning()
     if is_global_rank_zero():
         warn_if_untested_lightning()
     if torch.cuda.is_available():
