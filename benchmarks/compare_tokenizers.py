@@ -12,8 +12,6 @@ can take 20x longer with 2 threads on 2 busy cores); the table records it.
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 from importlib.metadata import version
@@ -21,7 +19,8 @@ from pathlib import Path
 
 import lightning as L
 import yaml
-from cpu_recipe import DEFAULT_CONFIG, DEFAULT_RESULTS, REPO, append_section, machine, run_timed
+from cpu_recipe import DEFAULT_CONFIG, run_timed
+from results import RESULTS, record, stamp
 
 from tinygpt_pl.data.datamodule import TextDataModule
 from tinygpt_pl.training.checkpoint import read_checkpoint
@@ -33,6 +32,7 @@ TOKENIZERS = {
     "SentencePiece BPE 4k": ["--data.tokenizer", "sentencepiece", "--data.tokenizer_vocab_size", "4096"],
     "GPT-2 BPE (tiktoken)": ["--data.tokenizer", "gpt2"],
 }
+TITLE = "Tokenizers at the CPU recipe's budget (benchmarks/compare_tokenizers.py)"
 
 
 def max_time(seconds: int) -> str:
@@ -62,7 +62,7 @@ def evaluate(root: Path, text: str) -> dict:
 
 
 def benchmark(config: Path, data_path: str, seconds: int, results: Path) -> None:
-    """Train the config for `seconds` with each tokenizer; print the table and append it to results."""
+    """Train the config for `seconds` with each tokenizer; print the table and record it in results."""
     text = Path(data_path).read_text(encoding="utf-8")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="tokenizers-") as tmp:
@@ -84,20 +84,12 @@ def benchmark(config: Path, data_path: str, seconds: int, results: Path) -> None
             for name, r in rows.items()
         ),
     ]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    date = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True, check=True).stdout
-    section = "\n".join(
+    body = "\n".join(
         [
-            f"## Tokenizers at the CPU recipe's budget (benchmarks/compare_tokenizers.py), {date.strip()}, commit "
-            f"{commit.stdout.strip() or 'unknown'}",
-            "",
-            f"Machine: {machine()} with OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} (which nproc "
-            f"counts) of {os.cpu_count()} CPUs; torch {version('torch')}, lightning {version('lightning')}, "
+            stamp(),
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} (which nproc counts) of {os.cpu_count()} "
+            f"CPUs; torch {version('torch')}, lightning {version('lightning')}, "
             f"sentencepiece {version('sentencepiece')}.",
-            "",
-            "```",
-            shlex.join(["python", *sys.argv]),
-            "```",
             "",
             f"Each tokenizer trains {config.name}'s model and settings through train.py for {seconds} s of wall time "
             f"(`--trainer.max_time {max_time(seconds)}`, the recipe's schedule cut short where time runs out; "
@@ -108,7 +100,7 @@ def benchmark(config: Path, data_path: str, seconds: int, results: Path) -> None
             *lines,
         ]
     )
-    append_section(section, results)
+    record(TITLE, body, results)
 
 
 def main() -> None:
@@ -116,7 +108,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the training recipe (YAML)")
     parser.add_argument("--data-path", required=True, help="tiny Shakespeare, passed to train.py as --data.path")
     parser.add_argument("--seconds", type=int, default=170, help="training wall time per tokenizer (default 170)")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to append to")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     args = parser.parse_args()
     benchmark(args.config.resolve(), str(Path(args.data_path).resolve()), args.seconds, args.results)
 

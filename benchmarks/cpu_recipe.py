@@ -21,9 +21,10 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from results import REPO, RESULTS, record, stamp
+
 DEFAULT_CONFIG = REPO / "configs" / "shakespeare_char_cpu.yaml"
-DEFAULT_RESULTS = REPO / "benchmarks" / "results.md"
+TITLE = "CPU recipe: train.py against the plain loop (benchmarks/cpu_recipe.py)"
 
 
 def plain_run(config_path: Path, data_path: str, out_dir: Path) -> None:
@@ -99,16 +100,8 @@ def plain_val_losses(log: Path) -> dict[int, float]:
     return {int(s): float(v) for s, v in re.findall(r"^step (\d+) val/loss (\S+)$", log.read_text(), re.M)}
 
 
-def machine() -> str:
-    """Core count and CPU model, as nproc and /proc/cpuinfo give them."""
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
-    return f"{nproc} cores (nproc), {model.group(1) if model else 'unknown CPU'}"
-
-
 def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None:
-    """Alternate train.py and the plain loop `repeats` times each; print the table and append it to results."""
+    """Alternate train.py and the plain loop `repeats` times each; print the table and record it in results."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="cpu_recipe-") as tmp:
         for i in range(repeats):
@@ -149,18 +142,10 @@ def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None
         f"(target: project/plain <= 1.05). Final val/loss is at step {last}, over the full val split "
         "(target: <= 1.88).",
     ]
-    date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
-    section = "\n".join(
+    body = "\n".join(
         [
-            f"## CPU recipe: {config.name}, {date}",
-            "",
-            f"Machine: {machine()}; torch {version('torch')}, lightning {version('lightning')}.",
-            "",
-            "Command:",
-            "",
-            "```",
-            shlex.join(["python", *sys.argv]),
-            "```",
+            stamp(),
+            f"Config {config.name}; torch {version('torch')}, lightning {version('lightning')}.",
             "",
             f"Each repeat runs, alternating which goes first, `{shlex.join(['python', *project_cmd[1:]])}` "
             "(TMP: a fresh temporary directory) and the plain PyTorch loop of the same recipe, "
@@ -169,17 +154,7 @@ def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None
             *lines,
         ]
     )
-    append_section(section, results)
-
-
-def append_section(section: str, results: Path) -> None:
-    """Print a benchmark's Markdown section and append it to the results file."""
-    print("\n" + section)
-    if not results.exists():
-        results.write_text("# Benchmarks\n")
-    with open(results, "a") as f:
-        f.write("\n" + section + "\n")
-    print(f"\nappended to {results}")
+    record(TITLE, body, results)
 
 
 def main() -> None:
@@ -187,7 +162,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the training config (YAML)")
     parser.add_argument("--data-path", required=True, help="the text corpus, passed to train.py as --data.path")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternating (default 3)")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to append to")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     parser.add_argument("--plain", action="store_true", help="run the plain PyTorch loop once (used internally)")
     args = parser.parse_args()
     if args.plain:

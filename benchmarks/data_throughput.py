@@ -20,22 +20,21 @@ import json
 import os
 import platform
 import resource
-import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from importlib.metadata import version
 from multiprocessing import Pool
 from pathlib import Path
 
+from results import REPO, RESULTS, record, stamp
+
 from tinygpt_pl.data.tokenizer import get_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = REPO / "benchmarks" / "results.md"
+TITLE = "Data: tokenizing, cache hit, serving (benchmarks/data_throughput.py)"
 DOC_CHARS = 4096
 ENCODING = None
 
@@ -150,7 +149,7 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count())
     parser.add_argument("--batches", type=int, default=500, help="batches timed when serving")
     parser.add_argument("--repeats", type=int, default=2, help="raw and prepare runs per size; the fastest counts")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="the Markdown file to append to")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--job-args", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,18 +193,12 @@ def main() -> None:
         ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         + ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
     )
-    print(table)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    section = (
-        f"\n## Data throughput ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
-        f"Machine: {platform.node()}, {cpu or platform.processor()}, {os.cpu_count()} CPUs, "
-        f"--num-proc {args.num_proc}. "
-        f"Python {platform.python_version()}, tiktoken {version('tiktoken')}, datasets {version('datasets')}, "
-        f"numpy {version('numpy')}, torch {version('torch')}.\n\n"
-        f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`\n\n{table}\n"
+    body = (
+        f"{stamp()}\n--num-proc {args.num_proc} of {os.cpu_count()} CPUs; Python {platform.python_version()}, "
+        f"tiktoken {version('tiktoken')}, datasets {version('datasets')}, numpy {version('numpy')}, "
+        f"torch {version('torch')}.\n\n{table}\n"
     )
-    with open(args.results, "a") as f:
-        f.write(section)
+    record(TITLE, body, args.results)
 
 
 if __name__ == "__main__":

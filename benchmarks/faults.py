@@ -18,7 +18,6 @@ import argparse
 import os
 import random
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -27,11 +26,13 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from cpu_recipe import DEFAULT_RESULTS, REPO, machine, project_val_losses
+from cpu_recipe import project_val_losses
+from results import REPO, RESULTS, record, stamp
 
 from tinygpt_pl.training.checkpoint import checkpoint_step
 
 CONFIG = REPO / "configs" / "shakespeare_char_cpu.yaml"
+TITLE = "Fault injection (benchmarks/faults.py)"
 
 
 def command(root: Path, data_path: str, *args: str) -> list[str]:
@@ -165,30 +166,15 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10, help="SIGKILL trials (default 10)")
     parser.add_argument("--steps", type=int, default=300, help="steps of each SIGKILL trial's run (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="draws the kill moments")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to append to")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     data_path = str(Path(args.data_path).resolve())
     with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
         lines = sigkill_trials(data_path, args.kills, args.steps, rng, Path(tmp))
         lines += ["", *sigterm_trial(data_path, rng, Path(tmp))]
-    date = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    section = "\n".join([
-        f"## Fault injection (benchmarks/faults.py), {date}, commit {commit.stdout.strip()}",
-        "",
-        f"Machine: {machine()}; torch {version('torch')}, lightning {version('lightning')}.",
-        "",
-        "```",
-        shlex.join(["python", *sys.argv]),
-        "```",
-        "",
-        *lines,
-    ])  # fmt: skip
-    print("\n" + section)
-    with open(args.results, "a") as f:
-        f.write("\n" + section + "\n")
-    print(f"\nappended to {args.results}")
+    body = "\n".join([stamp(), f"torch {version('torch')}, lightning {version('lightning')}.", "", *lines])
+    record(TITLE, body, args.results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ With --gpu, (a) alone, on the GPU, for the lecture's model instead (configs/lect
 6 heads, context 256, 65 characters; random weights): 255 tokens (all within its context) and --sample-tokens (past
 it, each step runs the whole window again on either path, so the cache gains little there).
 
-It prints a table and writes it into benchmarks/results.md, replacing this benchmark's earlier section.
+It prints a table and writes it into benchmarks/results.md in place of its earlier section (which moves to
+history.md), the CPU and the GPU sections each under its own heading.
 
     python benchmarks/generation.py [--repeats 3] [--gpu]
 """
@@ -20,7 +21,6 @@ It prints a table and writes it into benchmarks/results.md, replacing this bench
 import argparse
 import json
 import os
-import shlex
 import signal
 import socket
 import statistics
@@ -30,12 +30,11 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from cpu_recipe import DEFAULT_RESULTS, REPO, machine
+from results import REPO, RESULTS, record, stamp
 
 from tinygpt_pl.generation.generate import Completion, Sampling, stream_ids
 from tinygpt_pl.load import load_model
@@ -43,8 +42,8 @@ from tinygpt_pl.model import GPT, GPTConfig
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=1024)
 LECTURE_SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)  # configs/lecture/06_scaled_up.yaml
-HEADING = "## Generation: KV cache and serving (benchmarks/generation.py)"
-GPU_HEADING = "## Generation on a GPU: KV cache, the lecture's model (benchmarks/generation.py --gpu)"
+TITLE = "Generation: KV cache and serving (benchmarks/generation.py)"
+GPU_TITLE = "Generation on a GPU: KV cache, the lecture's model (benchmarks/generation.py --gpu)"
 
 
 def timed(run: Callable[..., object], *args: object) -> float:
@@ -78,15 +77,14 @@ def cache_vs_plain(tokens: int, repeats: int, device: str = "cpu", lecture: bool
     return {"cache": statistics.median(times[True]), "plain": statistics.median(times[False])}
 
 
-def gpu_section(tokens: int, repeats: int) -> tuple[str, str]:
-    """(heading, table) of the cache against the plain path for the lecture's model on the GPU."""
+def gpu_table(tokens: int, repeats: int) -> str:
+    """The cache against the plain path for the lecture's model on the GPU."""
     rows = []
     for n in (LECTURE_SHAPE["block_size"] - 1, tokens):
         result = cache_vs_plain(n, repeats, "cuda", lecture=True)
         plain, cache = result["plain"], result["cache"]
         rows.append(f"| {n} | {plain:.2f} s | {cache:.2f} s | {plain / cache:.1f}x |")
-    table = "\n".join(["| tokens | plain path | KV cache | speed-up (target >= 5x) |", "|---|---|---|---|", *rows])
-    return f"{GPU_HEADING}, {torch.cuda.get_device_name()}", table
+    return "\n".join(["| tokens | plain path | KV cache | speed-up (target >= 5x) |", "|---|---|---|---|", *rows])
 
 
 def gpt2_folder(path: Path) -> None:
@@ -142,35 +140,19 @@ def server_vs_in_process(folder: Path, tokens: int, repeats: int) -> dict[str, f
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def write_section(results: Path, section: str, heading: str) -> None:
-    """Replaces the section of results under heading (up to the next heading), or appends it."""
-    text = results.read_text() if results.is_file() else ""
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + ("\n" + text[end:] if end >= 0 else "")
-    results.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternated; the medians count")
     parser.add_argument("--sample-tokens", type=int, default=1000)
     parser.add_argument("--completion-tokens", type=int, default=100)
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="the Markdown file to write into")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     parser.add_argument("--gpu", action="store_true", help="(a) on the GPU, for the lecture's model")
     args = parser.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     if args.gpu:
-        heading, table = gpu_section(args.sample_tokens, args.repeats)
-        print("\n" + table)
-        command = shlex.join(["python", "benchmarks/generation.py", *sys.argv[1:]])
-        write_section(args.results, f"{heading}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit "
-                      f"{commit.stdout.strip()}\n\n```\n{command}\n```\n\n{table}", GPU_HEADING)  # fmt: skip
-        print(f"\nwritten into {args.results}")
+        table = gpu_table(args.sample_tokens, args.repeats)
+        body = f"{stamp(where=torch.cuda.get_device_name())}\ntorch {version('torch')}.\n\n{table}"
+        record(GPU_TITLE, body, args.results)
         return
     load = Path("/proc/loadavg").read_text().split()[0]
     print(f"(a) sampling, {args.repeats} runs each:", flush=True)
@@ -190,23 +172,16 @@ def main() -> None:
          f"{serving['server'] / serving['in process'] - 1:+.1%} (target: at most 10% slower)"),
     ]  # fmt: skip
     table = "\n".join(["| | median | |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
-    print("\n" + table)
-    section = "\n".join([
-        f"{HEADING}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit.stdout.strip()}",
-        "",
-        "```",
-        shlex.join(["python", "benchmarks/generation.py", *sys.argv[1:]]),
-        "```",
-        "",
-        f"Machine: {machine()}; torch {version('torch')} ({torch.get_num_threads()} threads), "
+    body = "\n".join([
+        stamp(),
+        f"torch {version('torch')} ({torch.get_num_threads()} threads), "
         f"litserve {version('litserve')}. Load average {load} before, {load_after} after (this benchmark's own work "
         f"included); other jobs on the machine slow both sides of each comparison. {args.repeats} alternated runs "
         "each, medians.",
         "",
         table,
     ])  # fmt: skip
-    write_section(args.results, section, HEADING)
-    print(f"\nwritten into {args.results}")
+    record(TITLE, body, args.results)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ below the one before; 06 <= 1.48.
 
 import argparse
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from cpu_recipe import DEFAULT_RESULTS, REPO, machine, project_val_losses, run_timed
+from cpu_recipe import project_val_losses, run_timed
+from results import REPO, RESULTS, machine, record, stamp
 
 CONFIGS = REPO / "configs" / "lecture"
 LECTURE_VAL_LOSS = {  # the val loss the lecture reports at the end of each stage
@@ -38,6 +37,8 @@ LECTURE_VAL_LOSS = {  # the val loss the lecture reports at the end of each stag
 }
 GPU_STAGES = {"06_scaled_up"}
 TOLERANCE = 0.05
+TITLE = "The lecture's ladder (configs/lecture/, benchmarks/lecture.py)"
+GPU_TITLE = "The lecture's ladder on a GPU (configs/lecture/, benchmarks/lecture.py --gpu)"
 
 
 def train_stage(stage: str, seed: int, data_path: str, gpu: bool, tmp: Path) -> tuple[float, int, float]:
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", help="stage numbers or names to train (default: all that can)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337], help="seeds per stage (default: the configs')")
     parser.add_argument("--jobs", type=int, default=1, help="train.py runs at a time (one thread each)")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to append to")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     args = parser.parse_args()
     stages = [s for s in LECTURE_VAL_LOSS if args.gpu or s not in GPU_STAGES]
     if args.stages:
@@ -96,17 +97,11 @@ def main() -> None:
             print(f"{stage}: val loss {mean:.4f} ({each}; lecture {LECTURE_VAL_LOSS[stage]:.2f}), "
                   f"{params[0]:,} parameters, {rows[-1][3]:.0f} s", flush=True)  # fmt: skip
 
-    date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
-    section = "\n".join(
+    body = "\n".join(
         [
-            f"## The lecture's ladder (configs/lecture/), {date}",
-            "",
-            f"Device: {device}; torch {version('torch')}, lightning {version('lightning')}; "
+            stamp(where=device),
+            f"torch {version('torch')}, lightning {version('lightning')}; "
             f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}.",
-            "",
-            "```",
-            shlex.join(["python", *sys.argv]),
-            "```",
             "",
             f"Seeds: {', '.join(map(str, args.seeds))}; val/loss is their mean, each seed's in the last column.",
             "",
@@ -125,12 +120,7 @@ def main() -> None:
             *(f"- {line}" for line in verdicts(rows)),
         ]
     )
-    print("\n" + section)
-    if not args.results.exists():
-        args.results.write_text("# Benchmarks\n")
-    with open(args.results, "a") as f:
-        f.write("\n" + section + "\n")
-    print(f"\nappended to {args.results}")
+    record(GPU_TITLE if args.gpu else TITLE, body, args.results)
 
 
 if __name__ == "__main__":

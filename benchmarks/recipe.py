@@ -12,19 +12,18 @@ baseline, with fewer steps when time is short).
 import argparse
 import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 
-from cpu_recipe import append_section, machine, project_val_losses, run_timed
+from cpu_recipe import project_val_losses, run_timed
+from results import REPO, RESULTS, record, stamp
 
-REPO = Path(__file__).resolve().parent.parent
 NANOGPT = REPO / "configs" / "shakespeare_char_cpu.yaml"
 MODERN = REPO / "configs" / "shakespeare_char_cpu_modern.yaml"
-DEFAULT_RESULTS = REPO / "benchmarks" / "results.md"
+TITLE = "Modern recipe against nanoGPT's CPU recipe (benchmarks/recipe.py)"
 TARGET = 1.898  # the nanoGPT recipe's final val loss
 STRETCH = 1.75  # the modern recipe's target at the nanoGPT recipe's whole wall time
 
@@ -127,22 +126,16 @@ def benchmark(data_path: str, ablation_steps: int | None, results: Path, nanogpt
         if ablation_steps is not None:
             sections += ["", *ablation(nanogpt_config, tmp, data_path, ablation_steps, nanogpt_s, nanogpt)]
 
-    date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
-    section = "\n".join(
+    body = "\n".join(
         [
-            f"## Modern recipe against nanoGPT's CPU recipe, {date}",
-            "",
-            f"Machine: {machine()}; torch {version('torch')}, lightning {version('lightning')}. Whole train.py runs, "
-            "one after the other; wall time is the whole process (imports, validations and checkpoints included).",
-            "",
-            "```",
-            shlex.join(["python", *sys.argv]),
-            "```",
+            stamp(),
+            f"torch {version('torch')}, lightning {version('lightning')}. Whole train.py runs, one after the other; "
+            "wall time is the whole process (imports, validations and checkpoints included).",
             "",
             *sections,
         ]
     )
-    append_section(section, results)
+    record(TITLE, body, results)
 
 
 def ablation(config: Path, tmp: Path, data_path: str, steps: int, nanogpt_s: float, nanogpt: list) -> list[str]:
@@ -172,7 +165,7 @@ def main() -> None:
     parser.add_argument("--data-path", required=True, help="tiny Shakespeare, passed to train.py as --data.path")
     parser.add_argument("--ablation-steps", type=int, default=2000, help="steps of each ablation run (default 2000)")
     parser.add_argument("--no-ablation", action="store_true", help="only the two recipes")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="markdown file to append to")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     parser.add_argument("--nanogpt-config", type=Path, default=NANOGPT, help="the baseline recipe")
     parser.add_argument("--modern-config", type=Path, default=MODERN, help="the modern recipe")
     args = parser.parse_args()

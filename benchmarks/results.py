@@ -2,8 +2,11 @@
 they replaced. Every benchmark writes its section through record()."""
 
 import re
+import shlex
 import subprocess
+import sys
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,15 +32,23 @@ def commit() -> str:
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
-def stamp(command: str, where: str | None = None) -> str:
-    """The lines under a section's heading: the command, date, commit and machine."""
-    return f"`{command}`  \n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit()}, {where or machine()}\n"
+def invocation() -> str:
+    """The command line that started this script, with the script's path from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    path = script.relative_to(REPO) if script.is_relative_to(REPO) else script
+    return shlex.join(["python", str(path), *sys.argv[1:]])
+
+
+def stamp(command: str | None = None, where: str | None = None) -> str:
+    """The lines under a section's heading: the command (by default this script's), date, commit and machine."""
+    return (f"`{command or invocation()}`  \n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit()}, "
+            f"{where or machine()}\n")  # fmt: skip
 
 
 def sections(text: str) -> list[str]:
     """The file's '## ' sections, each from its heading to the next."""
     starts = [m.start() for m in re.finditer(r"^## ", text, re.M)]
-    return [text[a:b].rstrip("\n") + "\n" for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+    return [text[a:b].rstrip("\n") + "\n" for a, b in pairwise([*starts, len(text)])]
 
 
 def record(title: str, body: str, results: Path = RESULTS) -> None:

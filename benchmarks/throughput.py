@@ -2,15 +2,14 @@
 
 Both run in this process on the same model, batch, precision and compile setting, alternating `--repeats` times;
 each times `--steps` optimizer steps after `--warmup` untimed ones. Prints tokens/s, step time, MFU and peak GPU
-memory (medians) and their ratio, and appends the table with date, device and torch version to `--results`.
+memory (medians) and their ratio, and writes the table into `--results` under a heading of its own for each config
+and device kind, in place of the earlier run's (which moves to history.md).
 
     python benchmarks/throughput.py --config configs/shakespeare_char_cpu.yaml --data-path input.txt
 """
 
 import argparse
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,8 +18,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from results import REPO, RESULTS, invocation, record, stamp
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from plain_loop import autocast, build, train_step  # noqa: E402
@@ -98,9 +97,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each, alternating which goes first")
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results.md", help="file to append to")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to write the section into")
     args, overrides = parser.parse_known_args()  # the rest go to train.py: --model.compile true, --data.batch_size
-    command = shlex.join(["python", *sys.argv])
+    command = invocation()
     sys.argv[1:] = []  # TrainCLI gets its arguments from cli_args (LightningCLI warns when sys.argv has others)
     cli_args = ["--config", args.config, "--data.path", args.data_path, *overrides]
 
@@ -124,7 +123,7 @@ def main() -> None:
         mem = [m for m in memory[which] if m is not None]
         rows.append((which, tokens / step, step * 1e3, mfu, f"{max(mem):.2f}" if mem else "n/a"))
     ratio = rows[0][1] / rows[1][1]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     lines = [
         "| loop | tokens/s | step (ms) | MFU | peak GPU memory (GiB) |",
         "|---|---|---|---|---|",
@@ -134,15 +133,12 @@ def main() -> None:
         f"after {args.warmup} warm-up; {tokens:,} tokens per step, {flops_per_token:,} FLOPs per token, "
         f"precision {precision}, {compute_dtype(precision)} peak {peak or 'unknown'})",
     ]
-    date = subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
-    section = "\n".join([f"## Throughput: {Path(args.config).name}, {date}", "",
-                         f"Device: {device_name}; torch {version('torch')}, lightning {version('lightning')}.", "",
-                         "```", command, "```", "", *lines])  # fmt: skip
-    print("\n" + section)
-    if not args.results.exists():
-        args.results.write_text("# Benchmarks\n")
-    with open(args.results, "a") as f:
-        f.write("\n" + section + "\n")
+    kind = "GPU" if gpu else device.type.upper()
+    title = f"Training step, project vs plain loop: {Path(args.config).name} on {kind} (benchmarks/throughput.py)"
+    body = "\n".join(
+        [stamp(command, where=gpu), f"torch {version('torch')}, lightning {version('lightning')}.", "", *lines]
+    )
+    record(title, body, args.results)
 
 
 if __name__ == "__main__":
