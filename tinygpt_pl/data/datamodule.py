@@ -16,14 +16,14 @@ import os
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tinygpt_pl.data.cache import (
     cached_sentencepiece,
@@ -130,8 +130,8 @@ def val_batch(tokens: np.ndarray, block_size: int, blocks: np.ndarray) -> tuple[
 
 
 class IndexedBatches(Dataset):
-    """Item i is make_batch(indices[i]): a whole batch, already this rank's share (so the Trainer must not shard it
-    again: TrainCLI turns its distributed sampler off). DataLoader workers take items in turn, so order is kept."""
+    """Item i is make_batch(indices[i]): a whole batch, already this rank's share. DataLoader workers take items in
+    turn, so order is kept."""
 
     def __init__(self, make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], indices: range) -> None:
         self.make_batch = make_batch
@@ -142,6 +142,17 @@ class IndexedBatches(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.make_batch(self.indices[i])
+
+
+class EveryItemInOrder(DistributedSampler):
+    """Every item of an IndexedBatches in order, on every rank: its batches are each rank's own already. It is a
+    DistributedSampler so that Lightning, which shards a map-style dataset by putting one in, leaves it as it is."""
+
+    def __init__(self, dataset: IndexedBatches) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.dataset)))
 
 
 class TrainBatchMaker:
@@ -371,6 +382,7 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=None,
+            sampler=EveryItemInOrder(dataset),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

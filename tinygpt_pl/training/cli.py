@@ -122,6 +122,7 @@ def accumulation(global_batch_size: int | None, world_size: int, batch_size: int
 class TrainCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, stop: GracefulStop | None = None) -> None:
         self.stop = stop or GracefulStop()
+        self.first_screen = FirstScreen()
         self.lock: RunLock | None = None
         super().__init__(
             GPTModule,
@@ -133,7 +134,7 @@ class TrainCLI(LightningCLI):
             parser_kwargs={"exit_on_error": False},  # bad options become one line (exit_on_bad_input)
             # a requeued SLURM job logs to the same version_<job id> folder: its config.yaml is the same run's
             save_config_kwargs={"overwrite": requeued_slurm_job()},
-            trainer_defaults={"callbacks": [ThroughputMonitor(), FirstScreen(), self.stop]},
+            trainer_defaults={"callbacks": [ThroughputMonitor(), self.first_screen, self.stop]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -164,6 +165,7 @@ class TrainCLI(LightningCLI):
             config.checkpoint.dirpath = str(root / "checkpoints")
         if config.data.seed is None:
             config.data.seed = config.seed_everything
+        self.first_screen.configs = [str(path) for path in config.get("config") or []]
         trainer, machine = config.trainer, Machine.this()
         gpu = uses_gpu(trainer.accelerator, machine)
         devices = count_devices(trainer.accelerator, trainer.devices, machine)
@@ -229,7 +231,6 @@ class TrainCLI(LightningCLI):
             kwargs["logger"] = RunLogger(root, version=SLURMEnvironment.job_id())
         if self.config.trainer.enable_model_summary is None:
             kwargs["enable_model_summary"] = False  # the first screen says it in a line (console.FirstScreen)
-        kwargs["use_distributed_sampler"] = False  # each rank's batches are its own already (datamodule.py)
         return super().instantiate_trainer(**kwargs)
 
 

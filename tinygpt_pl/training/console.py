@@ -89,6 +89,7 @@ class FirstScreen(Callback):
 
     def __init__(self, measure_steps: int = 2) -> None:
         self.measure_steps = measure_steps
+        self.configs: list[str] = []  # the run's config files (TrainCLI sets them): no advice to use one of them
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The first screen: after the data is set up and the model built, before the sanity check's bar."""
@@ -130,14 +131,15 @@ class FirstScreen(Callback):
         if trainer.is_global_zero and remaining > 0:
             self.estimate(per_step, remaining, trainer.strategy.root_device.type)
 
-    @staticmethod
-    def estimate(per_step: float, remaining: int, device: str) -> None:
+    def estimate(self, per_step: float, remaining: int, device: str) -> None:
         total = per_step * remaining
         line = f"{per_step:.2f} s a step here: the {remaining} steps to go take about {duration(total)}"
         if total <= TOO_LONG_S.get(device, TOO_LONG_S["cuda"]):
             say(f"estimate: {line} (validations and checkpoints not counted)")
-        elif device == "cpu":
+        elif device == "cpu" and not any(config.endswith(CPU_CONFIG) for config in self.configs):
             say(f"warning: {line} on this CPU: train on a GPU, or try {CPU_CONFIG} (minutes on a CPU); "
                 "--trainer.max_steps N stops sooner")  # fmt: skip
+        elif device == "cpu":
+            say(f"warning: {line} on this CPU, which is busy or slow (this config takes minutes on a quiet laptop)")
         else:
             say(f"warning: {line}: add GPUs (--trainer.devices, --trainer.num_nodes) or set --trainer.max_steps")
