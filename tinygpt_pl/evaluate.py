@@ -85,12 +85,12 @@ def evaluate(
 
 def table(results: dict, block_size: int) -> str:
     """The results as a plain-text table, with a line for each task that cropped or skipped examples."""
-    lines = [f"{'task':<16}{'metric':<16}{'value':>10}{'stderr':>10}{'examples':>10}"]
+    lines = [f"{'task':<16}{'metric':<16}{'value':>12} {'stderr':>11} {'examples':>9}"]
     notes = []
     for name, task in results["tasks"].items():
         for metric, figure in task["metrics"].items():
-            stderr = "" if math.isnan(figure["stderr"]) else f"{figure['stderr']:.4f}"
-            lines.append(f"{name:<16}{metric:<16}{figure['value']:>10.4f}{stderr:>10}{task['examples']:>10}")
+            value, stderr = (number(figure[key]) for key in ("value", "stderr"))
+            lines.append(f"{name:<16}{metric:<16}{value:>12} {stderr:>11} {task['examples']:>9}")
         if task["cropped"]:
             notes.append(f"{name}: {task['cropped']} examples longer than the model's context ({block_size} tokens) "
                          "were cropped from the left, as lm-eval crops them")  # fmt: skip
@@ -99,6 +99,11 @@ def table(results: dict, block_size: int) -> str:
             notes.append(f"{name}: skipped {len(task['skipped'])} examples the tokenizer cannot encode: {skipped}"
                          f"{' ...' if len(task['skipped']) > 20 else ''} ({task['skipped'][0]['reason']})")  # fmt: skip
     return "\n".join(lines + notes)
+
+
+def number(x: float) -> str:
+    """Four decimals, or four significant digits for a large value (an untrained model's perplexity)."""
+    return "" if math.isnan(x) else f"{x:.4f}" if abs(x) < 1e5 else f"{x:.4g}"
 
 
 @exit_on_bad_input
