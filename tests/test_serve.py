@@ -138,3 +138,76 @@ def test_sample_streams_the_text_it_prints_whole(ckpt):
 def test_serve_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     result = run_script("serve.py", "--ckpt_path", str(tmp_path / "no.ckpt"), "--port", "1")
     assert_one_error_line(result, "no.ckpt")
+
+
+def plain_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Each token's log-probability after the ones before it, from one forward pass (ids within the context)."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
+    return torch.log_softmax(logits[0], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_logprobs_and_echo_as_openais_legacy_completions(url, ckpt):
+    model, tokenizer = load_model(str(ckpt))
+    status, _, body = post(url, {"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True})
+    assert status == 200, body
+    [choice] = json.loads(body)["choices"]
+    text = choice["text"]
+    expected = Completion(model, tokenizer, "ROMEO:", 4, Sampling(temperature=0)).result().text
+    assert text == "ROMEO:" + expected
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == list(text) and logprobs["text_offset"] == list(range(len(text)))
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    torch.testing.assert_close(
+        torch.tensor(logprobs["token_logprobs"][1:]), plain_logprobs(model, tokenizer.encode(text))
+    )
+    for token_logprob, top in zip(logprobs["token_logprobs"][7:], logprobs["top_logprobs"][7:], strict=True):
+        assert len(top) == 2 and token_logprob == max(top.values())  # greedy: each token is the most likely
+
+    ids = [tokenizer.encode("JULIET:"), tokenizer.encode("To be")]  # several prompts, as token ids: a choice each
+    status, _, body = post(url, {"prompt": ids, "max_tokens": 3, "temperature": 0, "logprobs": 0})
+    response = json.loads(body)
+    assert [c["index"] for c in response["choices"]] == [0, 1] and response["usage"]["total_tokens"] == 18
+    for prompt, choice in zip(ids, response["choices"], strict=True):
+        logprobs = choice["logprobs"]
+        assert logprobs["tokens"] == list(choice["text"]) and logprobs["text_offset"] == [0, 1, 2]
+        whole = prompt + tokenizer.encode(choice["text"])
+        torch.testing.assert_close(torch.tensor(logprobs["token_logprobs"]), plain_logprobs(model, whole)[-3:])
+        assert logprobs["top_logprobs"] == [{}, {}, {}]
+    assert post(url, {"prompt": "a", "logprobs": 1, "stream": True})[0] == 400
+    assert post(url, {"prompt": "a", "logprobs": 6})[0] == 422
+
+
+def test_openai_client_reads_logprobs(url, ckpt):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=url.removesuffix("/completions"), api_key="none")
+    response = client.completions.create(model="any", prompt="ROMEO:", max_tokens=3, temperature=0, logprobs=1,
+                                         echo=True)  # fmt: skip
+    logprobs = response.choices[0].logprobs
+    assert response.choices[0].text.startswith("ROMEO:") and logprobs.tokens[:6] == list("ROMEO:")
+    model, tokenizer = load_model(str(ckpt))
+    ids = tokenizer.encode(response.choices[0].text)
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:]), plain_logprobs(model, ids))
+
+
+def test_lm_eval_local_completions_scores_as_in_process(url, ckpt, tmp_path):
+    """lm-eval's local-completions model on the served model, with the exported tokenizer and max_length
+    block_size + 2 (lm-eval keeps one position for a generated token), gives the log-likelihoods evaluate computes."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from tinygpt_pl.evaluation.scoring import Request, score_batch
+    from tinygpt_pl.export import main as export
+
+    export(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "hf")])
+    model, tokenizer = load_model(str(ckpt))
+    lm = LocalCompletionsAPI(base_url=url, model="debug", tokenizer_backend="huggingface",
+                             tokenizer=str(tmp_path / "hf"), max_length=model.config.block_size + 2)  # fmt: skip
+    pairs = [("Question: what say you?\nAnswer:", " Nothing"), ("ROMEO:", " O, speak again, bright angel!"),
+             ("To be, or not to be, that is the question: whether 'tis nobler", " in the mind")]  # fmt: skip
+    served = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (context, continuation), (ll, greedy) in zip(pairs, served, strict=True):
+        window = (tokenizer.encode(context) + tokenizer.encode(continuation))[-(model.config.block_size + 1) :]
+        n = len(continuation)
+        [[ours]] = score_batch(model, [Request(0, (0,), window[:-n], [window[-n:]])], tokenizer.vocab_size)
+        assert ll == pytest.approx(ours.loglikelihood, abs=1e-4) and greedy == ours.greedy

@@ -45,6 +45,10 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the sequences at rows (B',), each as often as listed: several continuations of one context."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
 
 class NextTokenLogits:
     """The model's logits (B, vocab_size) for the token after idx, called with idx grown by one token each time."""
@@ -154,13 +158,14 @@ class Completion:
     It ends at the end-of-text token (BPE tokenizers; finish_reason "stop"), at the first of the stop strings (which
     the text leaves out; "stop") or after max_new_tokens ("length"). While stop strings could still begin in the
     last characters, those wait. An empty prompt starts a new document (the end-of-text token) where there is one.
+    The prompt may also be token ids (OpenAI's API takes both); completion_ids are the tokens generated.
     """
 
     def __init__(
         self,
         model: Model,
         tokenizer: Tokenizer,
-        prompt: str,
+        prompt: str | list[int],
         max_new_tokens: int,
         sampling: Sampling = Sampling(),
         stop: Sequence[str] = (),
@@ -171,7 +176,10 @@ class Completion:
             raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if "" in stop:
             raise UsageError("a stop string is empty: give stop strings of at least one character")
-        ids = tokenizer.encode(prompt) or ([] if tokenizer.eot_id is None else [tokenizer.eot_id])
+        if isinstance(prompt, list) and any(not 0 <= i < tokenizer.vocab_size for i in prompt):
+            raise UsageError(f"a prompt's token ids must be in [0, {tokenizer.vocab_size}), the tokenizer's ids")
+        ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
+        ids = ids or ([] if tokenizer.eot_id is None else [tokenizer.eot_id])
         if not ids:
             raise UsageError("the prompt is empty: give at least one character to start from")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
@@ -180,6 +188,7 @@ class Completion:
         self.text = ""
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.completion_ids: list[int] = []
 
     def __iter__(self) -> Iterator[str]:
         device = next(self.model.parameters()).device
@@ -187,7 +196,7 @@ class Completion:
         held = max(map(len, self.stop), default=1) - 1  # characters that could be the start of a stop string
         # decoded after the prompt: a token's text can depend on the one before (SentencePiece's leading spaces)
         prompt_chars = len(self.tokenizer.decode(self.prompt_ids))
-        ids: list[int] = []
+        ids = self.completion_ids = []
         tokens = stream_ids(self.model, idx, self.max_new_tokens, self.sampling, vocab_limit=self.tokenizer.vocab_size,
                             eot_id=self.tokenizer.eot_id, kv_cache=self.kv_cache, generator=self.generator)  # fmt: skip
         for token in tokens:

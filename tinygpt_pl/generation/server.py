@@ -1,7 +1,9 @@
 """OpenAI's completions API on LitServe (Lightning's model server): the request, the endpoint and the inference worker
 that serve.py runs. POST /v1/completions takes prompt, max_tokens, temperature, top_p, stop, seed and stream
 (server-sent events, as OpenAI's API sends them), and answers with OpenAI's text_completion JSON; a bad request gets
-a 4xx with a message."""
+a 4xx with a message. As OpenAI's legacy completions API, it also takes token ids or several prompts (a choice each),
+`logprobs` (the log-probability of each token and the N most likely, generation/logprobs.py) and `echo` (the prompt
+before the completion, with its tokens' log-probabilities), which lm-eval's local-completions model scores with."""
 
 import asyncio
 import json
@@ -21,24 +23,33 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.generation.generate import Completion, Sampling
+from tinygpt_pl.generation.logprobs import openai_logprobs
 from tinygpt_pl.load import load_model
 
 
 class CompletionRequest(BaseModel):
-    """The fields of OpenAI's completions request that apply to one prompt and one choice (others are ignored)."""
+    """The fields of OpenAI's completions request that apply to one choice per prompt (others are ignored)."""
 
-    prompt: StrictStr
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
     max_tokens: StrictInt = Field(16, ge=1)
     temperature: float = Field(1.0, strict=True)  # ranges are checked by Sampling, as for sample.py
     top_p: float = Field(1.0, strict=True)
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None  # fixes the sampled text
     stream: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)  # the log-probabilities of the tokens and of the N most likely
+    echo: StrictBool = False  # the prompt, and its tokens' log-probabilities, before the completion
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt (text or token ids) per choice."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
-def choice(text: str, finish_reason: str | None) -> dict:
-    """The one choice of a response or a stream's chunk."""
-    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+def choice(text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
+    """A choice of a response or a stream's chunk."""
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 class CompletionsSpec(LitSpec):
@@ -71,10 +82,11 @@ class CompletionsSpec(LitSpec):
                   "model": self.model_name}  # fmt: skip
         if request.stream:
             return StreamingResponse(self.events(header, first, messages), media_type="text/event-stream")
-        text, last = first["text"], first
+        choices, usage = [first["choice"]], first["usage"]
         async for message in messages:
-            text, last = text + message["text"], message
-        return {**header, "choices": [choice(text, last["finish_reason"])], "usage": last["usage"]}
+            choices.append(message["choice"])
+            usage = {key: usage[key] + message["usage"][key] for key in usage}
+        return {**header, "choices": choices, "usage": usage}
 
     async def messages(self, uid: uuid.UUID, queue: deque, event: asyncio.Event) -> AsyncIterator[dict]:
         try:
@@ -112,32 +124,56 @@ class CompletionAPI(ls.LitAPI):
         self.model, self.tokenizer = load_model(self.ckpt_path, device)
         self.torch_device = device
 
-    def decode_request(self, request: CompletionRequest) -> tuple[Completion, bool]:
+    def decode_request(self, request: CompletionRequest) -> tuple[list[Completion], CompletionRequest]:
         generator = torch.Generator(self.torch_device)
         if request.seed is None:
             generator.seed()
         else:
             generator.manual_seed(request.seed)
         stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        prompts = request.prompts()
+        if request.stream and (len(prompts) > 1 or request.logprobs is not None or request.echo):
+            raise HTTPException(400, "stream takes one prompt, without logprobs or echo: drop stream")
         try:
             sampling = Sampling(temperature=request.temperature, top_p=request.top_p)
-            completion = Completion(self.model, self.tokenizer, request.prompt, request.max_tokens, sampling, stop,
-                                    kv_cache=self.kv_cache, generator=generator)  # fmt: skip
+            completions = [Completion(self.model, self.tokenizer, prompt, request.max_tokens, sampling, stop,
+                                      kv_cache=self.kv_cache, generator=generator) for prompt in prompts]  # fmt: skip
         except UsageError as e:
             raise HTTPException(400, str(e)) from None
-        return completion, request.stream
+        return completions, request
 
-    def predict(self, work: tuple[Completion, bool]) -> Iterator[dict]:
-        """A message per text piece for a stream; one message for the whole text otherwise (each message crosses
-        from this worker's process to the server's)."""
-        completion, stream = work
-        text = ""
-        if stream:
-            for piece in completion:
-                yield {"text": piece}
-        else:
-            text = completion.result().text
-        prompt_tokens, completion_tokens = len(completion.prompt_ids), completion.completion_tokens
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
-        yield {"text": text, "finish_reason": completion.finish_reason, "usage": usage}
+    def predict(self, work: tuple[list[Completion], CompletionRequest]) -> Iterator[dict]:
+        """A message per text piece for a stream, then one with the finish; one message per choice otherwise (each
+        message crosses from this worker's process to the server's)."""
+        completions, request = work
+        for index, completion in enumerate(completions):
+            if request.stream:
+                for piece in completion:
+                    yield {"text": piece}
+            else:
+                completion.result()
+            prompt_tokens, completion_tokens = len(completion.prompt_ids), completion.completion_tokens
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            if request.stream:
+                yield {"text": "", "finish_reason": completion.finish_reason, "usage": usage}
+                return
+            yield {"choice": self.choice(completion, index, request), "usage": usage}
+
+    def choice(self, completion: Completion, index: int, request: CompletionRequest) -> dict:
+        """A whole choice: with echo the prompt's text before the completion's; with logprobs those of the tokens
+        returned (the generated ones up to a stop string)."""
+        prompt, ids = completion.prompt_ids, completion.completion_ids
+        text = completion.text
+        kept = len(ids)  # the generated tokens that begin within the text returned
+        while kept and len(self.tokenizer.decode(prompt + ids[: kept - 1])) - len(self.tokenizer.decode(prompt)) >= len(
+            text
+        ):
+            kept -= 1
+        logprobs = None
+        if request.logprobs is not None:
+            start = 0 if request.echo else len(prompt)
+            logprobs = openai_logprobs(self.model, self.tokenizer, prompt + ids[:kept], start, request.logprobs)
+        if request.echo:
+            text = self.tokenizer.decode(prompt) + text
+        return choice(text, completion.finish_reason, index, logprobs)

@@ -15,15 +15,24 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
     return data / "encoder.json", data / "vocab.bpe"
 
 
+END_OF_TEXT = "<|endoftext|>"
+
+
 def hf_tokenizer(tokenizer: Tokenizer):
     """transformers' tokenizer that encodes and decodes as ours: GPT-2's BPE from its own files, or the characters of
-    a CharTokenizer, each one token (a BPE without merges and without pre-tokenization), decoded by concatenation."""
+    a CharTokenizer, each one token (a BPE without merges and without pre-tokenization), decoded by concatenation.
+
+    The char tokenizer also gets an end-of-text token (GPT-2's <|endoftext|>, the id after the last character) as its
+    bos and eos, which tools require of a tokenizer (lm-eval decodes it as the prefix of every request). The char
+    model has no row for it: it never saw one, and a row would change every other token's probability."""
     transformers = import_hf("transformers")
     if isinstance(tokenizer, CharTokenizer):
         tokenizers = import_hf("tokenizers")
         chars = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=tokenizer.stoi, merges=[]))
         chars.decoder = tokenizers.decoders.Fuse()
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=chars, clean_up_tokenization_spaces=False)
+        chars.add_special_tokens([tokenizers.AddedToken(END_OF_TEXT, special=True)])
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=chars, clean_up_tokenization_spaces=False,
+                                                    bos_token=END_OF_TEXT, eos_token=END_OF_TEXT)  # fmt: skip
     if tokenizer.name == "gpt2":
         encoder_json, vocab_bpe = gpt2_bpe_files()
         return transformers.GPT2TokenizerFast(vocab=str(encoder_json), merges=str(vocab_bpe))

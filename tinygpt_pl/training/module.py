@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from tinygpt_pl.bigram import BigramConfig, BigramLanguageModel
 from tinygpt_pl.errors import UsageError
+from tinygpt_pl.evaluation.training import TrainingEvaluation
 from tinygpt_pl.generation.generate import Sampling, generate
 from tinygpt_pl.hf.convert import gpt_state_from_hf, hf_weights, init_from_hparams
 from tinygpt_pl.model import GPT, GPTConfig
@@ -94,6 +95,9 @@ class GPTModule(L.LightningModule):
         skip_nonfinite_steps: skip a step whose gradients are inf or nan (counted in train/skipped_steps) instead of
             stopping the run; it still stops after max_skips_in_a_row such steps in a row. See safety/nonfinite.py.
         max_skips_in_a_row: how many skipped steps in a row end the run.
+        eval_tasks: benchmarks scored at every validation and logged as eval/<task>/<metric> (hellaswag, arc_easy,
+            piqa, lambada_openai; evaluation/training.py), each rank its share; eval_limit: only their first N
+            examples; eval_task_data: {task: local file} instead of the hub; eval_batch_size: continuations per pass.
 
     Nothing in a training step waits for the GPU: train/loss, lr and grad_norm are logged only on the steps that log
     (every trainer.log_every_n_steps), and train/loss is then the mean over the whole global batch. A loss or gradient
@@ -138,6 +142,10 @@ class GPTModule(L.LightningModule):
         muon_weight_decay: float = 0.0,
         lr_schedule: Literal["cosine", "wsd"] = "cosine",
         decay_fraction: float = 0.2,
+        eval_tasks: list[str] | None = None,
+        eval_limit: int | None = None,
+        eval_task_data: dict[str, str] | None = None,
+        eval_batch_size: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -162,6 +170,9 @@ class GPTModule(L.LightningModule):
             raise UsageError(f"--model.max_skips_in_a_row must be >= 1, got {max_skips_in_a_row}")
         self.guard = NonFiniteGuard(skip_nonfinite_steps, max_skips_in_a_row)
         self.step_losses: list[torch.Tensor] = []  # the micro-batch losses of a logging step, kept on the device
+        self.evaluation = (
+            TrainingEvaluation(eval_tasks, eval_limit, eval_task_data, eval_batch_size) if eval_tasks else None
+        )
 
     def logs_this_step(self) -> bool:
         """Whether the optimizer step under way is one Lightning writes to the logger (the 0-based step s with
@@ -197,6 +208,10 @@ class GPTModule(L.LightningModule):
                 f"--model.init_from {init_from}: GPT-2's weights read GPT-2's tokens, not those of the "
                 f"{datamodule.tokenizer.name} tokenizer: pass --data.tokenizer gpt2"
             )
+        if self.evaluation is not None and datamodule is not None:
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                raise UsageError("--model.eval_tasks does not run on sharded models yet: use --trainer.strategy ddp")
+            self.evaluation.prepare(datamodule.tokenizer, self.hparams.block_size)
 
     def on_train_start(self) -> None:
         """A new run from GPT-2's weights loads them here, after Lightning restored any checkpoint (resumed runs have
@@ -256,6 +271,8 @@ class GPTModule(L.LightningModule):
             self.log("val/bpb", val_loss * tokens_per_byte / math.log(2), rank_zero_only=True)
         if not self.trainer.sanity_checking:
             self.log_sample()
+            if self.evaluation is not None:
+                self.evaluation.run(self)
 
     def log_sample(self) -> None:
         """A short generated text in TensorBoard, sampled with its own RNG so training is unaffected."""

@@ -1,0 +1,67 @@
+"""Made-up task documents in the Hugging Face hub's format of each benchmark (hellaswag, arc_easy, piqa,
+lambada_openai), cut from tiny Shakespeare so that a char model can encode them; and lm-eval task configs that read
+them from disk (lm-eval's own task definitions with `dataset_path: json`), for agreement checks offline."""
+
+import json
+import random
+from pathlib import Path
+
+import lm_eval
+
+LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
+LM_EVAL_YAML = {"hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml", "piqa": "piqa/piqa.yaml",
+                "lambada_openai": "lambada/lambada_openai.yaml"}  # fmt: skip
+SPLIT = {"hellaswag": "validation", "arc_easy": "test", "piqa": "validation", "lambada_openai": "test"}
+
+
+def phrases(corpus: str) -> list[str]:
+    return [s for line in corpus.splitlines() if len(s := line.strip()) > 12 and ":" not in s and " " in s]
+
+
+def documents(task: str, corpus: str, n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    lines = phrases(corpus)
+    docs = []
+    for i in range(n):
+        line, *others = rng.sample(lines, 5)
+        words = line.split(" ")
+        cut = rng.randrange(1, len(words))
+        head, tail = " ".join(words[:cut])[-40:].lstrip(), " ".join(words[cut:])[:20].rstrip()
+        label = rng.randrange(4)
+        if task == "hellaswag":
+            endings = [o[: rng.randrange(5, 20)] for o in others[:3]]
+            endings.insert(label, tail)
+            extra = " [title]" if i % 3 == 0 else " [header] aside" if i % 3 == 1 else ""
+            docs.append({"ind": i, "activity_label": others[3].split(" ")[0].strip(",.;!?"), "ctx_a": head + extra,
+                         "ctx_b": others[3].lower()[:12], "endings": endings, "label": str(label),
+                         "split": "val", "source_id": f"made-up~{i}"})  # fmt: skip
+        elif task == "arc_easy":
+            k = rng.choice((3, 4, 5))
+            texts = [o[: rng.randrange(3, 20)] for o in others[: k - 1]]
+            texts.insert(label % k, tail)
+            keys = "ABCDE"[:k] if i % 2 else "12345"[:k]
+            docs.append({"id": f"made-up-{i}", "question": head + "?", "choices": {"text": texts, "label": list(keys)},
+                         "answerKey": keys[label % k]})  # fmt: skip
+        elif task == "piqa":
+            sols = [tail, others[0][: rng.randrange(5, 20)]]
+            docs.append({"goal": head, "sol1": sols[label % 2], "sol2": sols[1 - label % 2], "label": label % 2})
+        else:
+            docs.append({"text": line[:60]})
+    return docs
+
+
+def write_documents(folder: Path, task: str, corpus: str, n: int, seed: int = 0) -> Path:
+    path = folder / f"{task}.jsonl"
+    path.write_text("".join(json.dumps(doc) + "\n" for doc in documents(task, corpus, n, seed)))
+    return path
+
+
+def lm_eval_task(folder: Path, task: str, data: Path) -> str:
+    """lm-eval's task reading the documents in data from disk: its config in folder (for --include_path), its name."""
+    name = f"{task}_local"
+    (folder / f"{name}.yaml").write_text(
+        f"include: {LM_EVAL_TASKS / LM_EVAL_YAML[task]}\ntask: {name}\ntag: []\ndataset_path: json\n"
+        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    {SPLIT[task]}: {data}\ntraining_split: null\n"
+        + ("validation_split: null\n" if SPLIT[task] == "test" else "")
+    )
+    return name

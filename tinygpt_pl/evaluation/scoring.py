@@ -1,0 +1,168 @@
+"""Log-likelihoods of continuations, as lm-evaluation-harness's `loglikelihood` computes them, but with each context
+run once: its keys and values (generation/generate.py's KVCache) are copied to every continuation's row, and the
+continuations of several examples share a batch.
+
+Tokens: lm-eval's split (HFLM._encode_pair): trailing spaces of the context move to the continuation, the whole text is
+encoded and the continuation is what follows the context's own tokens. A pair longer than the model's context
+(block_size + 1 tokens, the last never fed) loses tokens from the left, as lm-eval crops it; such continuations then
+run with their own, cropped, context, and are counted.
+
+A batch holds examples of similar context lengths (sorted, as lm-eval sorts its requests): the first p tokens of the
+contexts (p the shortest context in the batch) run once per example, the rest of each context with each continuation.
+"""
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from tinygpt_pl.data.tokenizer import Tokenizer
+from tinygpt_pl.errors import UsageError
+from tinygpt_pl.evaluation.tasks import Example
+from tinygpt_pl.generation.generate import KVCache, Model
+
+
+@dataclass(frozen=True)
+class Score:
+    loglikelihood: float  # sum over the continuation's tokens
+    greedy: bool  # every token of the continuation is the model's most likely next token
+    tokens: int  # the continuation's tokens
+
+
+@dataclass(frozen=True)
+class Request:
+    """Continuations of one example that share a context: its tokens, and theirs."""
+
+    example: int  # index into the examples
+    choices: tuple[int, ...]  # which of the example's continuations
+    context: list[int]
+    continuations: list[list[int]]
+
+
+@dataclass
+class Encoded:
+    requests: list[Request]
+    skipped: list[tuple[int, str]]  # examples left out (unencodable text): index and why
+    cropped: set[int]  # examples whose context lost tokens from the left
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's HFLM._encode_pair (causal models); an empty context is the end-of-text token, as lm-eval's prefix."""
+    if not context:
+        if tokenizer.eot_id is None:
+            raise UsageError("an empty context needs an end-of-text token to start from, which this tokenizer lacks")
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids) :]
+
+
+def encode(
+    examples: Sequence[Example], tokenizer: Tokenizer, block_size: int, skip_unencodable: bool = False
+) -> Encoded:
+    """The requests of the examples. Text the tokenizer cannot encode (characters a char model never saw) is refused
+    in one line that names the example, or, with skip_unencodable, the example is skipped and listed."""
+    encoded = Encoded([], [], set())
+    for i, example in enumerate(examples):
+        try:
+            pairs = [encode_pair(tokenizer, example.context, c) for c in example.continuations]
+        except UsageError as e:
+            if not skip_unencodable:
+                raise UsageError(f"example {i}: {e}; or pass --skip_unencodable to skip such examples") from None
+            encoded.skipped.append((i, str(e)))
+            continue
+        if not pairs[0][0]:
+            raise UsageError(f"example {i}: the context is only spaces: give every example some context")
+        whole, cropped = [], []
+        for choice, (context, continuation) in enumerate(pairs):
+            if not continuation:
+                raise UsageError(f"example {i}: continuation {choice} is empty: every answer needs some text")
+            if len(continuation) > block_size:
+                raise UsageError(
+                    f"example {i}: continuation {choice} is {len(continuation)} tokens, longer than the model's "
+                    f"context ({block_size}): it cannot be scored"
+                )
+            (whole if len(context) + len(continuation) <= block_size + 1 else cropped).append(choice)
+        if whole:
+            context = pairs[whole[0]][0]
+            encoded.requests.append(Request(i, tuple(whole), context, [pairs[c][1] for c in whole]))
+        for choice in cropped:  # (context + continuation)[-(block_size + 1):], the last token never fed
+            context, continuation = pairs[choice]
+            kept = block_size + 1 - len(continuation)
+            encoded.requests.append(Request(i, (choice,), context[-kept:], [continuation]))
+            encoded.cropped.add(i)
+    return encoded
+
+
+def batches(requests: list[Request], batch_size: int) -> Iterator[list[Request]]:
+    """Requests longest context first, packed until a batch holds batch_size continuations (at least one request)."""
+    batch, rows = [], 0
+    for request in sorted(requests, key=lambda r: -len(r.context)):
+        if batch and rows + len(request.continuations) > batch_size:
+            yield batch
+            batch, rows = [], 0
+        batch.append(request)
+        rows += len(request.continuations)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def score_batch(model: Model, batch: list[Request], vocab_size: int) -> list[list[Score]]:
+    """Each request's continuations' Scores: the shared context prefix runs once per request, then every continuation
+    (with the rest of its context) continues from a copy of that request's caches, all in one batch."""
+    device = next(model.parameters()).device
+    prefix = min(len(r.context) for r in batch)
+    owner = [i for i, r in enumerate(batch) for _ in r.continuations]
+    tails = [r.context[prefix:] + c for r in batch for c in r.continuations]  # tokens after the prefix, to score
+    scored = [len(c) for r in batch for c in r.continuations]
+    caches = [KVCache(prefix + max(map(len, tails)) - 1) for _ in range(model.config.n_layer)]
+    idx = torch.tensor([r.context[:prefix] for r in batch], device=device)
+    first = model.hidden_states(idx, caches)[:, -1:]  # predicts each tail's first token
+    hidden = first[owner]
+    width = max(map(len, tails)) - 1
+    if width > 0:
+        rows = torch.tensor(owner, device=device)
+        for cache in caches:
+            cache.select(rows)
+        fed = torch.tensor([t[:-1] + [0] * (width - len(t) + 1) for t in tails], device=device)  # padded at the end
+        hidden = torch.cat((hidden, model.hidden_states(fed, caches)), dim=1)
+    # the positions that predict each continuation's tokens: the last `scored` of its tail
+    row = torch.tensor([r for r, n in enumerate(scored) for _ in range(n)], device=device)
+    position = torch.tensor(
+        [len(t) - n + j for t, n in zip(tails, scored, strict=True) for j in range(n)], device=device
+    )
+    target = torch.tensor(
+        [token for t, n in zip(tails, scored, strict=True) for token in t[len(t) - n :]], device=device
+    )
+    logprobs = F.log_softmax(model.logits(hidden[row, position]).float()[:, :vocab_size], dim=-1)
+    token_ll = logprobs.gather(1, target[:, None])[:, 0]
+    hit = (logprobs.argmax(dim=-1) == target).float()
+    totals = torch.zeros(len(tails), 2, dtype=torch.float64, device=device)
+    totals.index_add_(0, row, torch.stack((token_ll.double(), hit.double()), dim=1))
+    scores = iter(Score(ll, hits == n, n) for (ll, hits), n in zip(totals.tolist(), scored, strict=True))
+    return [[next(scores) for _ in r.continuations] for r in batch]
+
+
+def score(
+    model: Model, encoded: Encoded, n_examples: int, vocab_size: int, batch_size: int = 32, progress: bool = False
+) -> list[list[Score] | None]:
+    """Every example's continuations' Scores (None for skipped examples), batch_size continuations per forward."""
+    if batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {batch_size}")
+    results: list[dict[int, Score] | None] = [{} for _ in range(n_examples)]
+    for i, _ in encoded.skipped:
+        results[i] = None
+    total = sum(len(r.continuations) for r in encoded.requests)
+    with tqdm(total=total, unit="choice", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches(encoded.requests, batch_size):
+            for request, scores in zip(batch, score_batch(model, batch, vocab_size), strict=True):
+                results[request.example].update(zip(request.choices, scores, strict=True))
+            bar.update(sum(len(r.continuations) for r in batch))
+    return [None if r is None else [r[c] for c in sorted(r)] for r in results]
