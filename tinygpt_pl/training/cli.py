@@ -14,12 +14,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import Strategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from tinygpt_pl.data.datamodule import DEFAULT_SEED, TextDataModule
@@ -29,6 +31,7 @@ from tinygpt_pl.training.fsdp import fsdp_strategy
 from tinygpt_pl.training.module import GPTModule
 from tinygpt_pl.training.optim import check_optimizer_strategy
 from tinygpt_pl.training.safety.interrupt import GracefulStop
+from tinygpt_pl.training.safety.peers import PeerWatch
 from tinygpt_pl.training.safety.runlock import RunLock
 from tinygpt_pl.training.safety.signals import at_abort, is_global_rank_zero
 from tinygpt_pl.training.safety.versions import warn_if_untested_lightning
@@ -118,9 +121,29 @@ def accumulation(global_batch_size: int | None, world_size: int, batch_size: int
     return derived
 
 
+# The longest a rank waits in a collective for the others: a compiled GPT-2's start-up and the biggest checkpoint
+# write must fit (rank 0 writes while the others wait). A dead rank is noticed sooner (safety/peers.py); this is for
+# one that hangs.
+COLLECTIVE_TIMEOUT = 600
+
+
+def distributed_strategy(name: str, world_size: int, gpu: bool, timeout: int) -> Strategy | str:
+    """The strategy the name asks for, with timeout (seconds) for its collectives; names without collectives as they
+    are. ("auto" on several devices is Lightning's DDP.)"""
+    if name == "fsdp":
+        return fsdp_strategy(gpu, timedelta(seconds=timeout))
+    if name == "auto" and world_size > 1:
+        name = "ddp"
+    if not name.startswith("ddp") or name not in StrategyRegistry:
+        return name
+    entry = StrategyRegistry[name]
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=timeout))
+
+
 class TrainCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, stop: GracefulStop | None = None) -> None:
         self.stop = stop or GracefulStop()
+        self.watch = PeerWatch()
         self.lock: RunLock | None = None
         super().__init__(
             GPTModule,
@@ -132,7 +155,7 @@ class TrainCLI(LightningCLI):
             parser_kwargs={"exit_on_error": False},  # bad options become one line (exit_on_bad_input)
             # a requeued SLURM job logs to the same version_<job id> folder: its config.yaml is the same run's
             save_config_kwargs={"overwrite": requeued_slurm_job()},
-            trainer_defaults={"callbacks": [ThroughputMonitor(), self.stop]},
+            trainer_defaults={"callbacks": [ThroughputMonitor(), self.stop, self.watch]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -141,6 +164,13 @@ class TrainCLI(LightningCLI):
             type=str | None,
             default=None,
             help="Checkpoint to resume from: a path, or 'last' for the newest checkpoint of this run.",
+        )
+        parser.add_argument(
+            "--collective_timeout",
+            type=int,
+            default=COLLECTIVE_TIMEOUT,
+            help="Seconds a process of a multi-process run waits in a collective (all-reduce, barrier) for the others "
+            "before the run fails: long enough for a compiled start-up and a checkpoint write.",
         )
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -172,7 +202,7 @@ class TrainCLI(LightningCLI):
         check_strategy(trainer.strategy)
         check_optimizer_strategy(config.model.optimizer, fsdp=trainer.strategy == "fsdp")  # before DDP's processes
         self.gpu = gpu
-        world_size = devices * trainer.num_nodes
+        self.world_size = world_size = devices * trainer.num_nodes
         self.accumulate = accumulation(
             config.data.global_batch_size, world_size, config.data.batch_size, trainer.accumulate_grad_batches
         )
@@ -194,6 +224,7 @@ class TrainCLI(LightningCLI):
         with self.abandoned_on_error():
             super().instantiate_classes()
         at_abort(self.kill_other_processes)  # a signal before the first step ends this one at once
+        at_abort(lambda: self.watch.leave("error"))  # (first) and its peers quietly
         # checkpoints written whole or not at all; a deleted checkpoint folder stops the run (after its save)
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO(self.stop.request_stop)
 
@@ -211,6 +242,7 @@ class TrainCLI(LightningCLI):
         """Lightning's other DDP processes, which would wait for this one in vain."""
         if self.trainer.strategy.launcher is not None:
             self.trainer.strategy.launcher.kill(signal.SIGKILL)
+        self.watch.kill_children()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the derived accumulation (passed here, so the saved config.yaml keeps what was asked)."""
@@ -218,8 +250,9 @@ class TrainCLI(LightningCLI):
         val_check_interval = self.config.trainer.val_check_interval
         if isinstance(val_check_interval, int):  # Lightning counts micro-batches here; the config means steps
             kwargs["val_check_interval"] = val_check_interval * self.accumulate
-        if self.config.trainer.strategy == "fsdp":
-            kwargs["strategy"] = fsdp_strategy(self.gpu)
+        strategy, timeout = self.config.trainer.strategy, self.config.collective_timeout
+        if isinstance(strategy, str):
+            kwargs["strategy"] = distributed_strategy(strategy, self.world_size, self.gpu, timeout)
         callbacks = self.config_init.trainer.callbacks or []
         if self.config.trainer.enable_progress_bar is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
@@ -308,11 +341,16 @@ def main(args: list[str] | None = None) -> None:
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     except BaseException as e:
+        if not isinstance(e, RunStopped):
+            cli.watch.wait_for_death(timeout=10)  # an error in a collective because a peer died: one line instead
+            cli.watch.leave(f"error {type(e).__name__}: {' '.join(str(e).split())[:200]}")
         cli.kill_other_processes()
         if not isinstance(e, RunStopped):
             raise
+        cli.watch.leave()
         say(f"error: {e}")
         sys.exit(e.exit_code)
+    cli.watch.leave()
     trainer = cli.trainer
     finished = 0 < trainer.max_steps <= trainer.global_step  # a signal after the last step changes nothing
     if (stop.exit_code > 128 and not finished) or stop.exit_code == 1:
