@@ -154,7 +154,7 @@ class TrainCLI(LightningCLI):
             args=args,
             parser_kwargs={"exit_on_error": False},  # bad options become one line (exit_on_bad_input)
             # a requeued SLURM job logs to the same version_<job id> folder: its config.yaml is the same run's
-            save_config_kwargs={"overwrite": requeued_slurm_job()},
+            save_config_kwargs={"overwrite": restarted_by() is not None},
             trainer_defaults={"callbacks": [ThroughputMonitor(), self.stop, self.watch]},
         )
 
@@ -214,8 +214,9 @@ class TrainCLI(LightningCLI):
             self.lock = RunLock(root)
         with self.abandoned_on_error():
             ckpt_dir = Path(config.checkpoint.dirpath)
-            if config.ckpt_path is None and requeued_slurm_job() and (ckpt_dir / "last.ckpt").exists():
-                rank_zero_info(f"SLURM started this job again: resuming from {ckpt_dir / 'last.ckpt'}")
+            restarted = restarted_by()
+            if config.ckpt_path is None and restarted and (ckpt_dir / "last.ckpt").exists():
+                rank_zero_info(f"{restarted}: resuming from {ckpt_dir / 'last.ckpt'}")
                 config.ckpt_path = "last"
             config.ckpt_path = resolve_ckpt_path(config.ckpt_path, ckpt_dir)
             check_resume(config.ckpt_path, trainer.strategy)
@@ -291,9 +292,33 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return ckpt_path
 
 
-def requeued_slurm_job() -> bool:
-    """Whether SLURM started this job again after a requeue (sbatch --requeue; see signals.requeue_slurm_job)."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
+RESTARTS = {
+    "SLURM_RESTART_COUNT": "SLURM started this job again",  # after a requeue (sbatch --requeue; requeue_slurm_job)
+    "TORCHELASTIC_RESTART_COUNT": "torchrun started the workers again",  # after a failure (torchrun --max-restarts)
+}
+
+
+def restarted_by() -> str | None:
+    """Who started this run again, which then resumes from its last.ckpt by itself; None for a run's first start."""
+    return next((who for variable, who in RESTARTS.items() if int(os.environ.get(variable, 0)) > 0), None)
+
+
+def separate_torchrun_attempts(backend: str, timeout: int) -> None:
+    """torchrun keeps one store for all its attempts, and torch 2.13's workers use it without a prefix per attempt:
+    restarted workers can read the previous attempt's addresses and never connect. A restarted attempt initialises
+    the process group itself, under a prefix of its own; Lightning then uses that group."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    wait = timedelta(seconds=timeout)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout=wait)
+    torch.distributed.init_process_group(
+        backend,
+        store=torch.distributed.PrefixStore(f"tinygpt_pl/attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=wait,
+    )
 
 
 def check_resume(ckpt_path: str | None, strategy: str) -> None:
@@ -338,6 +363,7 @@ def main(args: list[str] | None = None) -> None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     stop = GracefulStop()
     cli = TrainCLI(args, stop)
+    separate_torchrun_attempts("nccl" if cli.gpu else "gloo", cli.config.collective_timeout)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     except BaseException as e:

@@ -134,7 +134,10 @@ class PeerWatch(Callback):
             return line + "no checkpoint was written: start the run again"
         path, saved = intact
         flag = "last" if path.name == "last.ckpt" else str(path)
-        return line + f"the newest intact checkpoint is {path} (step {saved}): resume with --ckpt_path {flag}"
+        line += f"the newest intact checkpoint is {path} (step {saved}): "
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+            return line + "torchrun starts the workers again, which resume from last.ckpt"
+        return line + f"resume with --ckpt_path {flag}"
 
     def leave(self, how: str = "bye") -> None:
         """Tell the peers this process ends: as agreed ("bye"), or alone after an error ("error ...")."""
