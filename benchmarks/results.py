@@ -37,7 +37,7 @@ def stamp(command: str, where: str | None = None) -> str:
 def sections(text: str) -> list[str]:
     """The file's '## ' sections, each from its heading to the next."""
     starts = [m.start() for m in re.finditer(r"^## ", text, re.M)]
-    return [text[a:b].rstrip("\n") + "\n" for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+    return [text[a:b].rstrip("\n") + "\n" for a, b in zip(starts, [*starts[1:], len(text)][: len(starts)], strict=True)]
 
 
 def record(title: str, body: str, results: Path = RESULTS) -> None:
