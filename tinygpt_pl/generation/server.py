@@ -8,18 +8,20 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import litserve as ls
 import torch
 from fastapi import HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from tinygpt_pl.errors import UsageError
+from tinygpt_pl.generation.batch import Batch, Cancel, TimedOut
 from tinygpt_pl.generation.generate import Completion, Sampling
 from tinygpt_pl.load import load_model
 
@@ -36,6 +38,12 @@ class CompletionRequest(BaseModel):
     stream: StrictBool = False
 
 
+def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """An error response with OpenAI's body, as its API answers a request it refuses."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    return JSONResponse({"error": error}, status_code=status)
+
+
 def choice(text: str, finish_reason: str | None) -> dict:
     """The one choice of a response or a stream's chunk."""
     return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
@@ -47,20 +55,24 @@ class CompletionsSpec(LitSpec):
     joins them into one response. It waits for the first message before answering, so that a request the worker
     refuses gets its 4xx, also when it asked for a stream."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_tokens_limit: int) -> None:
         super().__init__()
         self.api_path = "/v1/completions"
-        self.model_name = model_name
+        self.model_name, self.max_tokens_limit = model_name, max_tokens_limit
         self.add_endpoint(self.api_path, self.completions, ["POST"])
 
     @property
     def stream(self) -> bool:
         return True
 
-    def encode_response(self, output: Iterator[dict], context_kwargs: dict | None = None) -> Iterator[dict]:
-        yield from output
+    def encode_response(self, output: dict, context_kwargs: dict | None = None) -> dict:
+        return output
 
     async def completions(self, request: CompletionRequest) -> Any:
+        if request.max_tokens > self.max_tokens_limit:  # refused here, at once, even while the worker is busy
+            message = (f"max_tokens is {request.max_tokens}, more than this server allows ({self.max_tokens_limit}, "
+                       f"serve.py --max_tokens_limit): ask for {self.max_tokens_limit} tokens or fewer")  # fmt: skip
+            return openai_error(400, message, "max_tokens")
         uid = uuid.uuid4()
         queue, event = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
@@ -70,7 +82,8 @@ class CompletionsSpec(LitSpec):
         header = {"id": f"cmpl-{uid.hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.model_name}  # fmt: skip
         if request.stream:
-            return StreamingResponse(self.events(header, first, messages), media_type="text/event-stream")
+            events = self.events(header, first, messages, lambda: self.cancel(uid))
+            return StreamingResponse(events, media_type="text/event-stream")
         text, last = first["text"], first
         async for message in messages:
             text, last = text + message["text"], message
@@ -83,34 +96,54 @@ class CompletionsSpec(LitSpec):
                     if isinstance(data, HTTPException):
                         raise data
                     raise HTTPException(500, "the model failed: see the server's log")
-                yield json.loads(data)
+                message = json.loads(data)
+                if "status" in message:  # the worker refused the request, or it timed out
+                    raise HTTPException(message["status"], message["detail"])
+                yield message
         finally:
             self.response_buffer.pop(uid, None)
 
+    def cancel(self, uid: uuid.UUID) -> None:
+        """The client of request uid went away: the worker frees its slot at once."""
+        self.request_queue.put((self.response_queue_id, uuid.uuid4(), time.monotonic(), Cancel(uid)))
+
     @staticmethod
-    async def events(header: dict, first: dict, messages: AsyncIterator[dict]) -> AsyncIterator[str]:
-        """OpenAI's stream: a chunk per text piece, finish_reason in the last one, then [DONE]."""
+    async def events(
+        header: dict, first: dict, messages: AsyncIterator[dict], cancel: Callable[[], None]
+    ) -> AsyncIterator[str]:
+        """OpenAI's stream: a chunk per text piece, finish_reason in the last one, then [DONE]. A client that goes
+        before the end cancels the completion."""
 
         def chunk(message: dict) -> str:
             data = {**header, "choices": [choice(message["text"], message.get("finish_reason"))]}
             return f"data: {json.dumps(data)}\n\n"
 
-        yield chunk(first)
-        async for message in messages:
-            yield chunk(message)
-        yield "data: [DONE]\n\n"
+        ended = False
+        try:
+            yield chunk(first)
+            async for message in messages:
+                ended = message.get("finish_reason") is not None
+                yield chunk(message)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ended:
+                cancel()
 
 
 class CompletionAPI(ls.LitAPI):
-    """The inference worker: the model, and one completion at a time."""
+    """The inference worker: the model, and the completions under way, generated together (generation/batch.py)."""
 
-    def __init__(self, ckpt_path: str, kv_cache: bool) -> None:
-        super().__init__(spec=CompletionsSpec(ckpt_path))
+    def __init__(
+        self, ckpt_path: str, kv_cache: bool, max_tokens_limit: int, max_batch_size: int, request_timeout: float | None
+    ) -> None:
+        super().__init__(spec=CompletionsSpec(ckpt_path, max_tokens_limit), loop=ContinuousBatchingLoop())
         self.ckpt_path, self.kv_cache = ckpt_path, kv_cache
+        self.max_size, self.time_limit = max_batch_size, request_timeout  # (LitServe uses request_timeout)
 
     def setup(self, device: str) -> None:
         self.model, self.tokenizer = load_model(self.ckpt_path, device)
         self.torch_device = device
+        self.batch = Batch(self.model, self.max_size, self.time_limit, self.kv_cache)
 
     def decode_request(self, request: CompletionRequest) -> tuple[Completion, bool]:
         generator = torch.Generator(self.torch_device)
@@ -127,17 +160,39 @@ class CompletionAPI(ls.LitAPI):
             raise HTTPException(400, str(e)) from None
         return completion, request.stream
 
-    def predict(self, work: tuple[Completion, bool]) -> Iterator[dict]:
-        """A message per text piece for a stream; one message for the whole text otherwise (each message crosses
-        from this worker's process to the server's)."""
-        completion, stream = work
-        text = ""
-        if stream:
-            for piece in completion:
-                yield {"text": piece}
-        else:
-            text = completion.result().text
-        prompt_tokens, completion_tokens = len(completion.prompt_ids), completion.completion_tokens
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
-        yield {"text": text, "finish_reason": completion.finish_reason, "usage": usage}
+    # LitServe's continuous batching loop: requests come in through add_request, and step() runs while any is active
+    def add_request(self, uid: str, request: CompletionRequest | Cancel) -> None:
+        try:
+            self.batch.add(uid, request if isinstance(request, Cancel) else self.decode_request(request))
+        except HTTPException as e:
+            self.batch.add(uid, e)
+
+    def step(self, prev_outputs: list[Output] | None) -> list[Output]:
+        """Decode steps (a token for every completion under way) until one gives output: a message per text piece of
+        a stream, each completion's last message (a plain one's whole text) as it ends, a refused request's error."""
+        outputs = []
+        while not outputs and self.batch.active():  # (LitServe's loop pauses 10 ms after a step with no output)
+            outputs = self.outputs(self.batch.step())
+        return outputs
+
+    @staticmethod
+    def outputs(messages: list[tuple[str, dict | Exception | None, bool]]) -> list[Output]:
+        outputs = []
+        for uid, message, ended in messages:
+            if isinstance(message, Exception):  # a refused request (400), one that took too long (504)
+                status = 504 if isinstance(message, TimedOut) else message.status_code
+                message = {
+                    "status": status,
+                    "detail": str(message) if isinstance(message, TimedOut) else message.detail,
+                }
+            if message is not None:
+                outputs.append(Output(uid, message, LitAPIStatus.OK))
+            if ended:
+                outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+        return outputs
+
+    def has_capacity(self) -> bool:
+        return True  # the batch keeps its own queue: a Cancel must reach it at once, also when every slot is taken
+
+    def has_active_requests(self) -> bool:
+        return self.batch.active()
