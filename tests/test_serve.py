@@ -173,7 +173,9 @@ def alive(session: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=lambda s: s.name
+)  # (the same handler)
 def test_a_signal_to_serve_py_ends_every_process_it_started(ckpt, signum):
     """During a long streamed generation: the client's stream ends, and no process of the server is left after 10 s."""
     with serving(ckpt, "--max_tokens_limit", "1000000") as (server, url):
