@@ -1,16 +1,21 @@
 """serve.py as a user runs it: a real server process on a free port, asked over HTTP with OpenAI's completions API;
 and sample.py's --stream. The model is the debug run's checkpoint (char tokenizer)."""
 
+import contextlib
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,14 +34,15 @@ def ckpt(debug_run: Path) -> Path:
     return debug_run / "checkpoints" / "last.ckpt"
 
 
-@pytest.fixture(scope="module")
-def url(ckpt: Path) -> Iterator[str]:
-    """The completions URL of a serve.py process on a free port, killed (with its workers) after the module."""
+@contextmanager
+def serving(ckpt: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A serve.py process on a free port, in a session of its own, and its completions URL once it is ready; killed
+    (with its workers) at the end."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt_path", str(ckpt), "--port", str(port)],
-                              cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt_path", str(ckpt), "--port", str(port),
+                               *args], cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)  # fmt: skip
     try:
         assert f"http://127.0.0.1:{port}/v1/completions" in server.stdout.readline()  # says where, at once
@@ -50,10 +56,18 @@ def url(ckpt: Path) -> Iterator[str]:
                 pass
             assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
             time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1/completions"
+        yield server, f"http://127.0.0.1:{port}/v1/completions"
     finally:
-        os.killpg(server.pid, signal.SIGKILL)  # the server and the worker processes it started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # the server and the worker processes it started
         server.wait()
+
+
+@pytest.fixture(scope="module")
+def url(ckpt: Path) -> Iterator[str]:
+    """The completions URL of a serve.py process, killed (with its workers) after the module."""
+    with serving(ckpt) as (_, url):
+        yield url
 
 
 def post(url: str, body: dict | bytes) -> tuple[int, str, str]:
@@ -211,3 +225,95 @@ def test_lm_eval_local_completions_scores_as_in_process(url, ckpt, tmp_path):
         n = len(continuation)
         [[ours]] = score_batch(model, [Request(0, (0,), window[:-n], [window[-n:]])], tokenizer.vocab_size)
         assert ll == pytest.approx(ours.loglikelihood, abs=1e-4) and greedy == ours.greedy
+
+
+def test_max_tokens_beyond_the_limit_is_refused_with_openais_error(url):
+    status, content_type, body = post(url, {"prompt": "a", "max_tokens": 1_000_000})
+    assert status == 400 and content_type == "application/json", body
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "max_tokens" and error["code"] is None
+    assert error["message"].startswith("max_tokens is 1000000, more than this server allows (4096, ")
+
+
+def alive(session: int) -> list[int]:
+    """The processes of a session that have not ended (zombies, which have, aside)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+                found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=lambda s: s.name
+)  # (the same handler)
+def test_a_signal_to_serve_py_ends_every_process_it_started(ckpt, signum):
+    """During a long streamed generation: the client's stream ends, and no process of the server is left after 10 s."""
+    with serving(ckpt, "--max_tokens_limit", "1000000") as (server, url):
+        assert len(alive(server.pid)) >= 3  # serve.py, its HTTP server and its inference worker
+        request = urllib.request.Request(url, json.dumps({"prompt": "a", "max_tokens": 1_000_000, "stream": True})
+                                         .encode(), {"Content-Type": "application/json"})  # fmt: skip
+        response = urllib.request.urlopen(request, timeout=60)
+        assert response.readline().startswith(b"data: ")  # generating
+        ended = threading.Event()
+
+        def read_to_the_end() -> None:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                response.read()
+            ended.set()
+
+        threading.Thread(target=read_to_the_end, daemon=True).start()
+        server.send_signal(signum)
+        deadline = time.monotonic() + 10
+        while alive(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(server.pid), alive(server.pid)
+        assert server.wait(timeout=1) == 128 + signum
+        assert ended.wait(timeout=5)  # the client's stream ended (cut off) rather than hanging
+
+
+def test_concurrent_requests_are_generated_together_with_the_texts_they_get_alone(url, ckpt):
+    """Eight requests at once, greedy and sampled with seeds, with and without stop strings: each gets the text that
+    Completion gives alone."""
+    names = "ROMEO JULIET KING QUEEN".split() * 2
+    bodies = [{"prompt": f"{name}:", "max_tokens": 40 + 5 * i, "temperature": 0.9 * (i % 2), "top_p": 0.95,
+               "seed": i, "stop": ["\n\n"] if i % 3 == 0 else None} for i, name in enumerate(names)]  # fmt: skip
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: post(url, body), bodies))
+    model, tokenizer = load_model(str(ckpt))
+    for i, body in enumerate(bodies):
+        alone = Completion(model, tokenizer, body["prompt"], body["max_tokens"],
+                           Sampling(body["temperature"], top_p=body["top_p"]), body["stop"] or (),
+                           generator=torch.Generator().manual_seed(i)).result()  # fmt: skip
+        status, _, text = answers[i]
+        assert status == 200, text
+        [choice] = json.loads(text)["choices"]
+        assert (choice["text"], choice["finish_reason"]) == (alone.text, alone.finish_reason), i
+
+
+def test_a_client_that_goes_mid_stream_frees_its_slot_at_once(ckpt):
+    """With one slot, a stream of a million tokens holds it until its client disconnects; then a short request is
+    answered at once."""
+    with serving(ckpt, "--max_batch_size", "1", "--max_tokens_limit", "1000000") as (_, url):
+        request = urllib.request.Request(url, json.dumps({"prompt": "a", "max_tokens": 1_000_000, "stream": True})
+                                         .encode(), {"Content-Type": "application/json"})  # fmt: skip
+        response = urllib.request.urlopen(request, timeout=60)
+        assert response.readline().startswith(b"data: ")
+        response.close()
+        start = time.monotonic()
+        assert post(url, {"prompt": "a", "max_tokens": 5})[0] == 200
+        assert time.monotonic() - start < 30  # generating the million tokens would take minutes
+
+
+def test_a_request_past_the_time_limit_ends_and_the_worker_goes_on(ckpt):
+    """--request_timeout 1: a plain request for 100,000 tokens gets a 504, a streamed one ends with finish_reason
+    "length" after the text so far; a short request is then answered as usual."""
+    with serving(ckpt, "--request_timeout", "1", "--max_tokens_limit", "100000") as (_, url):
+        status, _, body = post(url, {"prompt": "a", "max_tokens": 100_000})
+        assert status == 504 and "longer than the server's limit of 1 s (serve.py --request_timeout)" in body, body
+        status, _, body = post(url, {"prompt": "a", "max_tokens": 100_000, "stream": True})
+        chunks = [json.loads(e.removeprefix("data: ")) for e in body.split("\n\n")[:-2]]
+        assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) > 2
+        assert post(url, {"prompt": "a", "max_tokens": 5})[0] == 200

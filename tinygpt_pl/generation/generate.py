@@ -53,15 +53,12 @@ class KVCache:
 class NextTokenLogits:
     """The model's logits (B, vocab_size) for the token after idx, called with idx grown by one token each time."""
 
-    def __init__(self, model: Model, kv_cache: bool = True) -> None:
+    def __init__(self, model: Model, kv_cache: bool = True, head_t: torch.Tensor | None = None) -> None:
         self.model = model
         self.block_size = model.config.block_size
         self.caches = [KVCache(self.block_size) for _ in range(model.config.n_layer)] if kv_cache else None
         self.cached = 0  # positions of the context that the caches hold
-        # one row times the head's (vocab, n_embd) weight takes a CPU 2.4x longer than times its transpose stored as
-        # such (7.7 against 3.2 ms for GPT-2's vocabulary at n_embd 256 on an AMD EPYC): a copy for this generation
-        head = getattr(model, "lm_head", None)
-        self.head_t = head.weight.T.contiguous() if head is not None and head.weight.is_cpu else None
+        self.head_t = transposed_head(model) if head_t is None else head_t
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         context = idx[:, -self.block_size :]
@@ -75,6 +72,14 @@ class NextTokenLogits:
             x = self.model.hidden_states(context[:, self.cached :], self.caches)
             self.cached = context.size(1)
         return self.model.logits(x[:, -1], self.head_t)
+
+
+def transposed_head(model: Model) -> torch.Tensor | None:
+    """The LM head's weight transposed, on a CPU: one row times the head's (vocab, n_embd) weight takes a CPU 2.4x
+    longer than times its transpose stored as such (7.7 against 3.2 ms for GPT-2's vocabulary at n_embd 256 on an
+    AMD EPYC): a copy for a generation."""
+    head = getattr(model, "lm_head", None)
+    return head.weight.T.contiguous() if head is not None and head.weight.is_cpu else None
 
 
 @dataclass(frozen=True)
@@ -185,32 +190,42 @@ class Completion:
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.max_new_tokens, self.stop, self.kv_cache, self.generator = max_new_tokens, tuple(stop), kv_cache, generator
         self.prompt_ids = ids
+        self.held = max(map(len, self.stop), default=1) - 1  # characters that could be the start of a stop string
+        # decoded after the prompt: a token's text can depend on the one before (SentencePiece's leading spaces)
+        self.prompt_chars = len(tokenizer.decode(ids))
         self.text = ""
         self.finish_reason: str | None = None
         self.completion_tokens = 0
-        self.completion_ids: list[int] = []
+        self.completion_ids: list[int] = []  # generated so far
 
     def __iter__(self) -> Iterator[str]:
         device = next(self.model.parameters()).device
         idx = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
-        held = max(map(len, self.stop), default=1) - 1  # characters that could be the start of a stop string
-        # decoded after the prompt: a token's text can depend on the one before (SentencePiece's leading spaces)
-        prompt_chars = len(self.tokenizer.decode(self.prompt_ids))
-        ids = self.completion_ids = []
         tokens = stream_ids(self.model, idx, self.max_new_tokens, self.sampling, vocab_limit=self.tokenizer.vocab_size,
                             eot_id=self.tokenizer.eot_id, kv_cache=self.kv_cache, generator=self.generator)  # fmt: skip
         for token in tokens:
-            ids.append(token.item())
-            text = self.tokenizer.decode(self.prompt_ids + ids)[prompt_chars:].rstrip(REPLACEMENT)
-            stops = [i for s in self.stop if (i := text.find(s, len(self.text))) >= 0]
-            end = min(stops) if stops else len(text) - held
-            yield from self._emit(text, end)
-            if stops:
-                self.finish_reason, self.completion_tokens = "stop", len(ids)
+            yield from self.feed(token.item())
+            if self.finish_reason is not None:
                 return
-        self.finish_reason = "length" if len(ids) == self.max_new_tokens else "stop"
-        self.completion_tokens = len(ids)
-        text = self.tokenizer.decode(self.prompt_ids + ids)[prompt_chars:]
+        yield from self.finish()
+
+    def feed(self, token: int) -> Iterator[str]:
+        """Take in the next generated token (not the end-of-text one): the text it completes, if any; ends the
+        completion ("stop") when a stop string appears. (Generation driven from outside: generation/batch.py.)"""
+        self.completion_ids.append(token)
+        text = self.tokenizer.decode(self.prompt_ids + self.completion_ids)[self.prompt_chars :].rstrip(REPLACEMENT)
+        stops = [i for s in self.stop if (i := text.find(s, len(self.text))) >= 0]
+        end = min(stops) if stops else len(text) - self.held
+        yield from self._emit(text, end)
+        if stops:
+            self.finish_reason, self.completion_tokens = "stop", len(self.completion_ids)
+
+    def finish(self) -> Iterator[str]:
+        """End the completion after the tokens fed (at max_new_tokens: "length"; the end-of-text token: "stop"): the
+        text held back for stop strings."""
+        self.finish_reason = "length" if len(self.completion_ids) == self.max_new_tokens else "stop"
+        self.completion_tokens = len(self.completion_ids)
+        text = self.tokenizer.decode(self.prompt_ids + self.completion_ids)[self.prompt_chars :]
         yield from self._emit(text, len(text))
 
     def _emit(self, text: str, end: int) -> Iterator[str]:

@@ -10,18 +10,20 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import litserve as ls
 import torch
 from fastapi import HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from tinygpt_pl.errors import UsageError
+from tinygpt_pl.generation.batch import Batch, Cancel, TimedOut
 from tinygpt_pl.generation.generate import Completion, Sampling
 from tinygpt_pl.generation.logprobs import openai_logprobs
 from tinygpt_pl.load import load_model
@@ -47,6 +49,12 @@ class CompletionRequest(BaseModel):
         return list(self.prompt)
 
 
+def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """An error response with OpenAI's body, as its API answers a request it refuses."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    return JSONResponse({"error": error}, status_code=status)
+
+
 def choice(text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
     """A choice of a response or a stream's chunk."""
     return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -58,35 +66,51 @@ class CompletionsSpec(LitSpec):
     joins them into one response. It waits for the first message before answering, so that a request the worker
     refuses gets its 4xx, also when it asked for a stream."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_tokens_limit: int) -> None:
         super().__init__()
         self.api_path = "/v1/completions"
-        self.model_name = model_name
+        self.model_name, self.max_tokens_limit = model_name, max_tokens_limit
         self.add_endpoint(self.api_path, self.completions, ["POST"])
 
     @property
     def stream(self) -> bool:
         return True
 
-    def encode_response(self, output: Iterator[dict], context_kwargs: dict | None = None) -> Iterator[dict]:
-        yield from output
+    def encode_response(self, output: dict, context_kwargs: dict | None = None) -> dict:
+        return output
 
     async def completions(self, request: CompletionRequest) -> Any:
-        uid = uuid.uuid4()
-        queue, event = deque(), asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), request))
-        messages = self.messages(uid, queue, event)
+        if request.max_tokens > self.max_tokens_limit:  # refused here, at once, even while the worker is busy
+            message = (f"max_tokens is {request.max_tokens}, more than this server allows ({self.max_tokens_limit}, "
+                       f"serve.py --max_tokens_limit): ask for {self.max_tokens_limit} tokens or fewer")  # fmt: skip
+            return openai_error(400, message, "max_tokens")
+        prompts = request.prompts()
+        if request.stream and (len(prompts) > 1 or request.logprobs is not None or request.echo):
+            return openai_error(400, "stream takes one prompt, without logprobs or echo: drop stream", "stream")
+        # one request to the worker per prompt: their completions are generated together
+        submitted = [self.submit(request.model_copy(update={"prompt": prompt})) for prompt in prompts]
+        uid, messages = submitted[0]
         first = await anext(messages)
         header = {"id": f"cmpl-{uid.hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.model_name}  # fmt: skip
         if request.stream:
-            return StreamingResponse(self.events(header, first, messages), media_type="text/event-stream")
-        choices, usage = [first["choice"]], first["usage"]
-        async for message in messages:
-            choices.append(message["choice"])
-            usage = {key: usage[key] + message["usage"][key] for key in usage}
+            events = self.events(header, first, messages, lambda: self.cancel(uid))
+            return StreamingResponse(events, media_type="text/event-stream")
+        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for index, (_, messages) in enumerate(submitted):
+            received = ([first] if index == 0 else []) + [message async for message in messages]
+            last = received[-1]  # a plain completion's one message
+            choices.append(choice(last["text"], last["finish_reason"], index, last.get("logprobs")))
+            usage = {key: usage[key] + last["usage"][key] for key in usage}
         return {**header, "choices": choices, "usage": usage}
+
+    def submit(self, request: BaseModel) -> tuple[uuid.UUID, AsyncIterator[dict]]:
+        """Queue the request for the inference worker: its id and the worker's messages."""
+        uid = uuid.uuid4()
+        queue, event = deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), request))
+        return uid, self.messages(uid, queue, event)
 
     async def messages(self, uid: uuid.UUID, queue: deque, event: asyncio.Event) -> AsyncIterator[dict]:
         try:
@@ -95,85 +119,130 @@ class CompletionsSpec(LitSpec):
                     if isinstance(data, HTTPException):
                         raise data
                     raise HTTPException(500, "the model failed: see the server's log")
-                yield json.loads(data)
+                message = json.loads(data)
+                if "status" in message:  # the worker refused the request, or it timed out
+                    raise HTTPException(message["status"], message["detail"])
+                yield message
         finally:
             self.response_buffer.pop(uid, None)
 
+    def cancel(self, uid: uuid.UUID) -> None:
+        """The client of request uid went away: the worker frees its slot at once."""
+        self.request_queue.put((self.response_queue_id, uuid.uuid4(), time.monotonic(), Cancel(uid)))
+
     @staticmethod
-    async def events(header: dict, first: dict, messages: AsyncIterator[dict]) -> AsyncIterator[str]:
-        """OpenAI's stream: a chunk per text piece, finish_reason in the last one, then [DONE]."""
+    async def events(
+        header: dict, first: dict, messages: AsyncIterator[dict], cancel: Callable[[], None]
+    ) -> AsyncIterator[str]:
+        """OpenAI's stream: a chunk per text piece, finish_reason in the last one, then [DONE]. A client that goes
+        before the end cancels the completion."""
 
         def chunk(message: dict) -> str:
             data = {**header, "choices": [choice(message["text"], message.get("finish_reason"))]}
             return f"data: {json.dumps(data)}\n\n"
 
-        yield chunk(first)
-        async for message in messages:
-            yield chunk(message)
-        yield "data: [DONE]\n\n"
+        ended = False
+        try:
+            yield chunk(first)
+            async for message in messages:
+                ended = message.get("finish_reason") is not None
+                yield chunk(message)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ended:
+                cancel()
 
 
 class CompletionAPI(ls.LitAPI):
-    """The inference worker: the model, and one completion at a time."""
+    """The inference worker: the model, and the completions under way, generated together (generation/batch.py)."""
 
-    def __init__(self, ckpt_path: str, kv_cache: bool) -> None:
-        super().__init__(spec=CompletionsSpec(ckpt_path))
+    def __init__(
+        self, ckpt_path: str, kv_cache: bool, max_tokens_limit: int, max_batch_size: int, request_timeout: float | None
+    ) -> None:
+        super().__init__(spec=CompletionsSpec(ckpt_path, max_tokens_limit), loop=ContinuousBatchingLoop())
         self.ckpt_path, self.kv_cache = ckpt_path, kv_cache
+        self.max_size, self.time_limit = max_batch_size, request_timeout  # (LitServe uses request_timeout)
 
     def setup(self, device: str) -> None:
         self.model, self.tokenizer = load_model(self.ckpt_path, device)
         self.torch_device = device
+        self.batch = Batch(self.model, self.max_size, self.time_limit, self.kv_cache)
+        self.requests: dict[str, CompletionRequest] = {}  # those under way, for their options
 
-    def decode_request(self, request: CompletionRequest) -> tuple[list[Completion], CompletionRequest]:
+    def decode_request(self, request: CompletionRequest) -> Completion:
+        """The completion of the request's one prompt (the endpoint sends each prompt on its own)."""
         generator = torch.Generator(self.torch_device)
         if request.seed is None:
             generator.seed()
         else:
             generator.manual_seed(request.seed)
         stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
-        prompts = request.prompts()
-        if request.stream and (len(prompts) > 1 or request.logprobs is not None or request.echo):
-            raise HTTPException(400, "stream takes one prompt, without logprobs or echo: drop stream")
         try:
             sampling = Sampling(temperature=request.temperature, top_p=request.top_p)
-            completions = [Completion(self.model, self.tokenizer, prompt, request.max_tokens, sampling, stop,
-                                      kv_cache=self.kv_cache, generator=generator) for prompt in prompts]  # fmt: skip
+            return Completion(self.model, self.tokenizer, request.prompt, request.max_tokens, sampling, stop,
+                              kv_cache=self.kv_cache, generator=generator)  # fmt: skip
         except UsageError as e:
             raise HTTPException(400, str(e)) from None
-        return completions, request
 
-    def predict(self, work: tuple[list[Completion], CompletionRequest]) -> Iterator[dict]:
-        """A message per text piece for a stream, then one with the finish; one message per choice otherwise (each
-        message crosses from this worker's process to the server's)."""
-        completions, request = work
-        for index, completion in enumerate(completions):
-            if request.stream:
-                for piece in completion:
-                    yield {"text": piece}
-            else:
-                completion.result()
-            prompt_tokens, completion_tokens = len(completion.prompt_ids), completion.completion_tokens
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
-            if request.stream:
-                yield {"text": "", "finish_reason": completion.finish_reason, "usage": usage}
-                return
-            yield {"choice": self.choice(completion, index, request), "usage": usage}
+    # LitServe's continuous batching loop: requests come in through add_request, and step() runs while any is active
+    def add_request(self, uid: str, request: CompletionRequest | Cancel) -> None:
+        if isinstance(request, Cancel):
+            self.batch.add(uid, request)
+            return
+        try:
+            completion = self.decode_request(request)
+        except HTTPException as e:
+            self.batch.add(uid, e)
+            return
+        self.requests[uid] = request
+        self.batch.add(uid, (completion, request.stream))
 
-    def choice(self, completion: Completion, index: int, request: CompletionRequest) -> dict:
-        """A whole choice: with echo the prompt's text before the completion's; with logprobs those of the tokens
-        returned (the generated ones up to a stop string)."""
-        prompt, ids = completion.prompt_ids, completion.completion_ids
-        text = completion.text
+    def step(self, prev_outputs: list[Output] | None) -> list[Output]:
+        """Decode steps (a token for every completion under way) until one gives output: a message per text piece of
+        a stream, each completion's last message (a plain one's whole text) as it ends, a refused request's error."""
+        outputs = []
+        while not outputs and self.batch.active():  # (LitServe's loop pauses 10 ms after a step with no output)
+            outputs = self.outputs(self.batch.step())
+        return outputs
+
+    def outputs(self, messages: list[tuple[str, dict | Exception | None, bool]]) -> list[Output]:
+        outputs = []
+        for uid, message, ended in messages:
+            if isinstance(message, Exception):  # a refused request (400), one that took too long (504)
+                status = 504 if isinstance(message, TimedOut) else message.status_code
+                message = {
+                    "status": status,
+                    "detail": str(message) if isinstance(message, TimedOut) else message.detail,
+                }
+            request = self.requests.pop(uid, None) if ended else self.requests.get(uid)
+            if isinstance(message, dict) and "completion_ids" in message:
+                message = self.whole_choice(message, request)
+            if message is not None:
+                outputs.append(Output(uid, message, LitAPIStatus.OK))
+            if ended:
+                outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+        return outputs
+
+    def has_capacity(self) -> bool:
+        return True  # the batch keeps its own queue: a Cancel must reach it at once, also when every slot is taken
+
+    def has_active_requests(self) -> bool:
+        return self.batch.active()
+
+    def whole_choice(self, message: dict, request: CompletionRequest) -> dict:
+        """A plain completion's message: with echo the prompt's text before the completion's; with logprobs those of
+        the tokens returned (the generated ones up to a stop string)."""
+        prompt, ids, text = message.pop("prompt_ids"), message.pop("completion_ids"), message["text"]
+        if request.logprobs is None and not request.echo:
+            return message
         kept = len(ids)  # the generated tokens that begin within the text returned
-        while kept and len(self.tokenizer.decode(prompt + ids[: kept - 1])) - len(self.tokenizer.decode(prompt)) >= len(
-            text
-        ):
+        prompt_chars = len(self.tokenizer.decode(prompt))
+        while kept and len(self.tokenizer.decode(prompt + ids[: kept - 1])) - prompt_chars >= len(text):
             kept -= 1
-        logprobs = None
         if request.logprobs is not None:
             start = 0 if request.echo else len(prompt)
-            logprobs = openai_logprobs(self.model, self.tokenizer, prompt + ids[:kept], start, request.logprobs)
+            message["logprobs"] = openai_logprobs(self.model, self.tokenizer, prompt + ids[:kept], start,
+                                                  request.logprobs)  # fmt: skip
         if request.echo:
-            text = self.tokenizer.decode(prompt) + text
-        return choice(text, completion.finish_reason, index, logprobs)
+            message["text"] = self.tokenizer.decode(prompt) + text
+        return message

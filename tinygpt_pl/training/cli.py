@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import Strategy, StrategyRegistry
 
 from tinygpt_pl.data.datamodule import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import RunStopped, UsageError, exit_on_bad_input
@@ -30,6 +32,7 @@ from tinygpt_pl.training.fsdp import fsdp_strategy
 from tinygpt_pl.training.module import GPTModule
 from tinygpt_pl.training.optim import check_optimizer_strategy
 from tinygpt_pl.training.safety.interrupt import GracefulStop
+from tinygpt_pl.training.safety.peers import PeerWatch
 from tinygpt_pl.training.safety.runlock import RunLock
 from tinygpt_pl.training.safety.signals import at_abort, is_global_rank_zero
 from tinygpt_pl.training.safety.versions import warn_if_untested_lightning
@@ -119,10 +122,30 @@ def accumulation(global_batch_size: int | None, world_size: int, batch_size: int
     return derived
 
 
+# The longest a rank waits in a collective for the others: a compiled GPT-2's start-up and the biggest checkpoint
+# write must fit (rank 0 writes while the others wait). A dead rank is noticed sooner (safety/peers.py); this is for
+# one that hangs.
+COLLECTIVE_TIMEOUT = 600
+
+
+def distributed_strategy(name: str, world_size: int, gpu: bool, timeout: int) -> Strategy | str:
+    """The strategy the name asks for, with timeout (seconds) for its collectives; names without collectives as they
+    are. ("auto" on several devices is Lightning's DDP.)"""
+    if name == "fsdp":
+        return fsdp_strategy(gpu, timedelta(seconds=timeout))
+    if name == "auto" and world_size > 1:
+        name = "ddp"
+    if not name.startswith("ddp") or name not in StrategyRegistry:
+        return name
+    entry = StrategyRegistry[name]
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=timeout))
+
+
 class TrainCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, stop: GracefulStop | None = None) -> None:
         self.stop = stop or GracefulStop()
         self.first_screen = FirstScreen()
+        self.watch = PeerWatch()
         self.lock: RunLock | None = None
         super().__init__(
             GPTModule,
@@ -133,8 +156,8 @@ class TrainCLI(LightningCLI):
             args=args,
             parser_kwargs={"exit_on_error": False},  # bad options become one line (exit_on_bad_input)
             # a requeued SLURM job logs to the same version_<job id> folder: its config.yaml is the same run's
-            save_config_kwargs={"overwrite": requeued_slurm_job()},
-            trainer_defaults={"callbacks": [ThroughputMonitor(), self.first_screen, self.stop]},
+            save_config_kwargs={"overwrite": restarted_by() is not None},
+            trainer_defaults={"callbacks": [ThroughputMonitor(), self.first_screen, self.stop, self.watch]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -143,6 +166,13 @@ class TrainCLI(LightningCLI):
             type=str | None,
             default=None,
             help="Checkpoint to resume from: a path, or 'last' for the newest checkpoint of this run.",
+        )
+        parser.add_argument(
+            "--collective_timeout",
+            type=int,
+            default=COLLECTIVE_TIMEOUT,
+            help="Seconds a process of a multi-process run waits in a collective (all-reduce, barrier) for the others "
+            "before the run fails: long enough for a compiled start-up and a checkpoint write.",
         )
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -175,7 +205,7 @@ class TrainCLI(LightningCLI):
         check_strategy(trainer.strategy)
         check_optimizer_strategy(config.model.optimizer, fsdp=trainer.strategy == "fsdp")  # before DDP's processes
         self.gpu = gpu
-        world_size = devices * trainer.num_nodes
+        self.world_size = world_size = devices * trainer.num_nodes
         self.accumulate = accumulation(
             config.data.global_batch_size, world_size, config.data.batch_size, trainer.accumulate_grad_batches
         )
@@ -183,8 +213,9 @@ class TrainCLI(LightningCLI):
             self.lock = RunLock(root)
         with self.abandoned_on_error():
             ckpt_dir = Path(config.checkpoint.dirpath)
-            if config.ckpt_path is None and requeued_slurm_job() and (ckpt_dir / "last.ckpt").exists():
-                say(f"SLURM started this job again: resuming from {ckpt_dir / 'last.ckpt'}")
+            restarted = restarted_by()
+            if config.ckpt_path is None and restarted and (ckpt_dir / "last.ckpt").exists():
+                say(f"{restarted}: resuming from {ckpt_dir / 'last.ckpt'}")
                 config.ckpt_path = "last"
             config.ckpt_path = resolve_ckpt_path(config.ckpt_path, ckpt_dir)
             check_resume(config.ckpt_path, trainer.strategy)
@@ -193,6 +224,7 @@ class TrainCLI(LightningCLI):
         with self.abandoned_on_error():
             super().instantiate_classes()
         at_abort(self.kill_other_processes)  # a signal before the first step ends this one at once
+        at_abort(lambda: self.watch.leave("error"))  # (first) and its peers quietly
         # checkpoints written whole or not at all; a deleted checkpoint folder stops the run (after its save)
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO(self.stop.request_stop)
 
@@ -210,6 +242,7 @@ class TrainCLI(LightningCLI):
         """Lightning's other DDP processes, which would wait for this one in vain."""
         if self.trainer.strategy.launcher is not None:
             self.trainer.strategy.launcher.kill(signal.SIGKILL)
+        self.watch.kill_children()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer with the derived accumulation (passed here, so the saved config.yaml keeps what was asked)."""
@@ -217,8 +250,9 @@ class TrainCLI(LightningCLI):
         val_check_interval = self.config.trainer.val_check_interval
         if isinstance(val_check_interval, int):  # Lightning counts micro-batches here; the config means steps
             kwargs["val_check_interval"] = val_check_interval * self.accumulate
-        if self.config.trainer.strategy == "fsdp":
-            kwargs["strategy"] = fsdp_strategy(self.gpu)
+        strategy, timeout = self.config.trainer.strategy, self.config.collective_timeout
+        if isinstance(strategy, str):
+            kwargs["strategy"] = distributed_strategy(strategy, self.world_size, self.gpu, timeout)
         callbacks = self.config_init.trainer.callbacks or []
         if self.config.trainer.enable_progress_bar is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
@@ -262,9 +296,33 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return ckpt_path
 
 
-def requeued_slurm_job() -> bool:
-    """Whether SLURM started this job again after a requeue (sbatch --requeue; see signals.requeue_slurm_job)."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
+RESTARTS = {
+    "SLURM_RESTART_COUNT": "SLURM started this job again",  # after a requeue (sbatch --requeue; requeue_slurm_job)
+    "TORCHELASTIC_RESTART_COUNT": "torchrun started the workers again",  # after a failure (torchrun --max-restarts)
+}
+
+
+def restarted_by() -> str | None:
+    """Who started this run again, which then resumes from its last.ckpt by itself; None for a run's first start."""
+    return next((who for variable, who in RESTARTS.items() if int(os.environ.get(variable, 0)) > 0), None)
+
+
+def separate_torchrun_attempts(backend: str, timeout: int) -> None:
+    """torchrun keeps one store for all its attempts, and torch 2.13's workers use it without a prefix per attempt:
+    restarted workers can read the previous attempt's addresses and never connect. A restarted attempt initialises
+    the process group itself, under a prefix of its own; Lightning then uses that group."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    wait = timedelta(seconds=timeout)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout=wait)
+    torch.distributed.init_process_group(
+        backend,
+        store=torch.distributed.PrefixStore(f"tinygpt_pl/attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=wait,
+    )
 
 
 def check_resume(ckpt_path: str | None, strategy: str) -> None:
@@ -301,14 +359,20 @@ def main(args: list[str] | None = None) -> None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     stop = GracefulStop()
     cli = TrainCLI(args, stop)
+    separate_torchrun_attempts("nccl" if cli.gpu else "gloo", cli.config.collective_timeout)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     except BaseException as e:
+        if not isinstance(e, RunStopped):
+            cli.watch.wait_for_death(timeout=10)  # an error in a collective because a peer died: one line instead
+            cli.watch.leave(f"error {type(e).__name__}: {' '.join(str(e).split())[:200]}")
         cli.kill_other_processes()
         if not isinstance(e, RunStopped):
             raise
+        cli.watch.leave()
         say(f"error: {e}")
         sys.exit(e.exit_code)
+    cli.watch.leave()
     trainer = cli.trainer
     finished = 0 < trainer.max_steps <= trainer.global_step  # a signal after the last step changes nothing
     if (stop.exit_code > 128 and not finished) or stop.exit_code == 1:

@@ -5,6 +5,7 @@ works too, but Lightning 2.6 cannot drive it there; CPUFSDPStrategy mends the tw
 """
 
 from contextlib import AbstractContextManager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -66,7 +67,8 @@ class CPUFSDPStrategy(FSDPStrategy):
         )
 
 
-def fsdp_strategy(gpu: bool) -> FSDPStrategy:
-    """FSDP over Blocks with one consolidated checkpoint file, which loads without FSDP (sample.py, a plain GPT)."""
+def fsdp_strategy(gpu: bool, timeout: timedelta | None = None) -> FSDPStrategy:
+    """FSDP over Blocks with one consolidated checkpoint file, which loads without FSDP (sample.py, a plain GPT);
+    timeout: for its collectives (None: torch's default)."""
     strategy = FSDPStrategy if gpu else CPUFSDPStrategy
-    return strategy(auto_wrap_policy={Block}, state_dict_type="full")
+    return strategy(auto_wrap_policy={Block}, state_dict_type="full", timeout=timeout)
