@@ -31,10 +31,12 @@ def documents(task: str, corpus: str, n: int, seed: int = 0) -> list[dict]:
         if task == "hellaswag":
             endings = [o[: rng.randrange(5, 20)] for o in others[:3]]
             endings.insert(label, tail)
+            # WikiHow's bracketed artifacts, which lm-eval's prompt strips, in the label: `ctx` stays encodable
             extra = " [title]" if i % 3 == 0 else " [header] aside" if i % 3 == 1 else ""
-            docs.append({"ind": i, "activity_label": others[3].split(" ")[0].strip(",.;!?"), "ctx_a": head + extra,
-                         "ctx_b": others[3].lower()[:12], "endings": endings, "label": str(label),
-                         "split": "val", "source_id": f"made-up~{i}"})  # fmt: skip
+            ctx_a, ctx_b = head, others[3].lower()[:12] if i % 4 else ""
+            docs.append({"ind": i, "activity_label": others[3].split(" ")[0].strip(",.;!?") + extra, "ctx_a": ctx_a,
+                         "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}" if ctx_b else ctx_a, "endings": endings,
+                         "label": str(label), "split": "val", "source_id": f"made-up~{i}"})  # fmt: skip
         elif task == "arc_easy":
             k = rng.choice((3, 4, 5))
             texts = [o[: rng.randrange(3, 20)] for o in others[: k - 1]]
