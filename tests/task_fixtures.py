@@ -1,9 +1,14 @@
 """Made-up task documents in the Hugging Face hub's format of each benchmark (hellaswag, arc_easy, piqa,
-lambada_openai), cut from tiny Shakespeare so that a char model can encode them; and lm-eval task configs that read
-them from disk (lm-eval's own task definitions with `dataset_path: json`), for agreement checks offline."""
+lambada_openai), cut from tiny Shakespeare so that a char model can encode them; lm-eval task configs that read
+them from disk (lm-eval's own task definitions with `dataset_path: json`); and lm-eval's `--model hf` run on them, as
+a user runs it, with its results set beside evaluate's, for agreement checks offline (tests and
+benchmarks/evaluation.py)."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import lm_eval
@@ -31,10 +36,12 @@ def documents(task: str, corpus: str, n: int, seed: int = 0) -> list[dict]:
         if task == "hellaswag":
             endings = [o[: rng.randrange(5, 20)] for o in others[:3]]
             endings.insert(label, tail)
+            # WikiHow's bracketed artifacts, which lm-eval's prompt strips, in the label: `ctx` stays encodable
             extra = " [title]" if i % 3 == 0 else " [header] aside" if i % 3 == 1 else ""
-            docs.append({"ind": i, "activity_label": others[3].split(" ")[0].strip(",.;!?"), "ctx_a": head + extra,
-                         "ctx_b": others[3].lower()[:12], "endings": endings, "label": str(label),
-                         "split": "val", "source_id": f"made-up~{i}"})  # fmt: skip
+            ctx_a, ctx_b = head, others[3].lower()[:12] if i % 4 else ""
+            docs.append({"ind": i, "activity_label": others[3].split(" ")[0].strip(",.;!?") + extra, "ctx_a": ctx_a,
+                         "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}" if ctx_b else ctx_a, "endings": endings,
+                         "label": str(label), "split": "val", "source_id": f"made-up~{i}"})  # fmt: skip
         elif task == "arc_easy":
             k = rng.choice((3, 4, 5))
             texts = [o[: rng.randrange(3, 20)] for o in others[: k - 1]]
@@ -65,3 +72,47 @@ def lm_eval_task(folder: Path, task: str, data: Path) -> str:
         + ("validation_split: null\n" if SPLIT[task] == "test" else "")
     )
     return name
+
+
+def lm_eval_command(model_dir: Path, data: dict[str, Path], folder: Path, batch_size: int) -> list[str]:
+    """lm_eval --model hf on an exported folder (fp32, CPU) over local copies of the tasks (configs written in folder),
+    its samples logged under folder/lm_eval."""
+    names = [lm_eval_task(folder, task, path) for task, path in data.items()]
+    return [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
+            "--tasks", ",".join(names), "--include_path", str(folder), "--device", "cpu", "--batch_size",
+            str(batch_size), "--output_path", str(folder / "lm_eval"), "--log_samples"]  # fmt: skip
+
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_lm_eval(model_dir: Path, data: dict[str, Path], folder: Path, batch_size: int = 8) -> dict[str, dict]:
+    """lm-eval's results for each task (by our name): its metrics and every example's logged choices'
+    log-likelihoods, in document order."""
+    proc = subprocess.run(lm_eval_command(model_dir, data, folder, batch_size), capture_output=True, text=True,
+                          env=OFFLINE, timeout=1800)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = (folder / "lm_eval").rglob("results_*.json")
+    out = {}
+    for task in data:
+        (samples,) = (folder / "lm_eval").rglob(f"samples_{task}_local_*.jsonl")
+        docs = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda d: d["doc_id"])
+        metrics = json.loads(results.read_text())["results"][f"{task}_local"]
+        out[task] = {"metrics": {k.removesuffix(",none"): v for k, v in metrics.items() if k.endswith(",none")},
+                     "loglikelihoods": [[float(ll) for ll, _ in doc["filtered_resps"]] for doc in docs]}  # fmt: skip
+    return out
+
+
+def agreement(ours: dict, theirs: dict) -> dict[str, dict]:
+    """Per task: evaluate's and lm-eval's acc and acc_norm, and the largest difference between their log-likelihoods
+    of one choice."""
+    out = {}
+    for task, result in theirs.items():
+        mine = ours["tasks"][task]
+        lls = [(a, b) for x, y in zip(mine["loglikelihoods"], result["loglikelihoods"], strict=True)
+               for a, b in zip(x, y, strict=True)]  # fmt: skip
+        out[task] = {"examples": len(result["loglikelihoods"]), "choices": len(lls),
+                     "max_difference": max(abs(a - b) for a, b in lls),
+                     "metrics": {m: (mine["metrics"][m]["value"], result["metrics"][m])
+                                 for m in ("acc", "acc_norm") if m in result["metrics"]}}  # fmt: skip
+    return out

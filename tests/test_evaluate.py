@@ -77,6 +77,48 @@ def test_bpe_continuation_is_what_follows_the_contexts_own_tokens() -> None:
     assert context == gpt2.encode("The answer is") and context + continuation == gpt2.encode("The answer is 42.")
 
 
+def build_nanogpt_mean_losses(model: GPT, tokenizer, doc: dict) -> list[float]:
+    """build-nanogpt's hellaswag.py: the raw ctx and " " + each raw ending, encoded apart, padded into one batch; the
+    mean cross-entropy over each ending's tokens."""
+    ctx = tokenizer.encode(doc["ctx"])
+    ends = [tokenizer.encode(" " + ending) for ending in doc["endings"]]
+    width = max(len(ctx) + len(end) for end in ends)
+    tokens = torch.tensor([ctx + end + [0] * (width - len(ctx) - len(end)) for end in ends])
+    mask = torch.tensor([[0] * len(ctx) + [1] * len(end) + [0] * (width - len(ctx) - len(end)) for end in ends])
+    with torch.no_grad():
+        logits, _ = model(tokens)
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    losses = losses.view(len(ends), -1) * mask[:, 1:]
+    return (losses.sum(1) / mask[:, 1:].sum(1)).tolist()
+
+
+def test_acc_token_mean_is_build_nanogpts_on_hellaswag(text) -> None:
+    """HellaSwag's acc_token_mean scores build-nanogpt's rendering (raw ctx, raw endings, BPE-encoded apart), while
+    acc and acc_norm keep lm-eval's prompt; the model is GPT-2's vocabulary, untrained."""
+    gpt2 = get_tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=gpt2.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+    docs = documents("hellaswag", text, 40)
+    docs[1] = {**docs[1], "endings": [" ".join(e.split()) + ",  " for e in docs[1]["endings"]]}  # raw: spaces kept
+    examples = [TASKS["hellaswag"].example(doc) for doc in docs]
+    assert examples[0].context.startswith(docs[0]["activity_label"].split(" ")[0] + ". :")  # lm-eval's prompt
+    encoded = encode(examples, gpt2, 64)
+    assert not encoded.cropped and len(encoded.requests) == 2 * len(docs)  # lm-eval's context, and the raw ctx
+    scores = score(model, encoded, len(docs), gpt2.vocab_size, batch_size=7)
+    counts = TaskCounts("multiple_choice")
+    right = 0
+    for doc, example, example_scores in zip(docs, examples, scores, strict=True):
+        assert len(example_scores) == 8
+        counts.add_example(example, example_scores)
+        theirs = build_nanogpt_mean_losses(model, gpt2, doc)
+        assert [-s.loglikelihood / s.tokens for s in example_scores[4:]] == pytest.approx(theirs, abs=1e-5)
+        right += min(range(4), key=theirs.__getitem__) == int(doc["label"])
+        lm_eval_lls = [plain_loglikelihood(model, *encode_pair(gpt2, example.context, c))[0]
+                       for c in example.continuations]  # fmt: skip
+        assert [s.loglikelihood for s in example_scores[:4]] == pytest.approx(lm_eval_lls, abs=1e-5)
+    assert counts["acc_token_mean"] == right
+
+
 def test_metrics_and_stderr_as_lm_eval_computes_them() -> None:
     lls = [[-1.0, -2.0, -0.5], [-3.0, -1.0, -1.2], [-2.0, -2.0, -9.0], [-4.0, -0.1, -3.0]]
     choices = [["a", "bb", "cccccc"], ["aaaa", "b", "cc"], ["a", "b", "c"], ["aa", "b", "ccc"]]
@@ -84,7 +126,7 @@ def test_metrics_and_stderr_as_lm_eval_computes_them() -> None:
     golds = [2, 1, 0, 0]
     counts = TaskCounts("multiple_choice")
     for ll, ch, tok, gold in zip(lls, choices, tokens, golds, strict=True):
-        counts.add_example(Example("", [], ch, gold), [Score(x, False, t) for x, t in zip(ll, tok, strict=True)])
+        counts.add_example(Example("", ch, ch, gold), [Score(x, False, t) for x, t in zip(ll, tok, strict=True)])
     counts.add_example(Example("", [], [], 0), None)  # skipped: not counted
     acc = [1, 1, 1, 0]  # highest log-likelihood (the first of equals)
     acc_norm = [0, 1, 1, 0]  # per character: -1, -1, -0.083; -0.75, -1, -0.6; ...; -2, -0.1, -1

@@ -72,7 +72,10 @@ def evaluate(
             "examples": int(counts["examples"]),
             "cropped": int(counts["cropped"]),
             "skipped": [{"example": i, "reason": why} for i, why in prepared.encoded.skipped],
-            "loglikelihoods": [None if s is None else [c.loglikelihood for c in s] for s in scores],
+            "loglikelihoods": [
+                None if s is None else [c.loglikelihood for c in s[: len(example.continuations)]]
+                for example, s in zip(prepared.examples, scores, strict=True)
+            ],
         }
     print(table(results, block_size))
     if out is not None:

@@ -3,9 +3,10 @@
 
 Multiple choice: acc (the continuation of highest log-likelihood is the right one), acc_norm (log-likelihood divided by
 the answer's length in characters, lm-eval's), acc_token_mean (highest mean log-likelihood per token, i.e. lowest mean
-loss: build-nanogpt's and llm.c's hellaswag.py). Last word (lambada): acc (the word is the greedy continuation) and
-perplexity exp(-mean log-likelihood). Standard errors as lm-eval reports them for means: the sample standard deviation
-over sqrt(n); for perplexity, which lm-eval bootstraps, the delta method's perplexity * stderr(mean log-likelihood).
+loss: build-nanogpt's and llm.c's hellaswag.py, on their rendering where the example has one, HellaSwag's). Last word
+(lambada): acc (the word is the greedy continuation) and perplexity exp(-mean log-likelihood). Standard errors as
+lm-eval reports them for means: the sample standard deviation over sqrt(n); for perplexity, which lm-eval bootstraps,
+the delta method's perplexity * stderr(mean log-likelihood).
 """
 
 import math
@@ -38,19 +39,22 @@ class TaskCounts:
             self.counts[COUNTS.index(name)] += value
 
     def add_example(self, example: Example, scores: list[Score] | None, cropped: bool = False) -> None:
-        """One example's scores (None: skipped, its text unencodable)."""
+        """One example's scores (None: skipped, its text unencodable): its choices', then, where the example has a
+        completion rendering, that rendering's."""
         if scores is None:
             self.add(skipped=1)
             return
-        lls = [s.loglikelihood for s in scores]
         self.add(examples=1, cropped=cropped)
         if self.kind == "last_word":
-            self.add(acc=scores[0].greedy, loglikelihood=lls[0], loglikelihood_sq=lls[0] ** 2)
+            ll = scores[0].loglikelihood
+            self.add(acc=scores[0].greedy, loglikelihood=ll, loglikelihood_sq=ll**2)
             return
+        n = len(example.continuations)
+        lls, completion = [s.loglikelihood for s in scores[:n]], scores[n:] or scores
         gold = example.gold
         self.add(acc=best(lls) == gold,
                  acc_norm=best([ll / len(choice) for ll, choice in zip(lls, example.choices, strict=True)]) == gold,
-                 acc_token_mean=best([s.loglikelihood / s.tokens for s in scores]) == gold)  # fmt: skip
+                 acc_token_mean=best([s.loglikelihood / s.tokens for s in completion]) == gold)  # fmt: skip
 
     def results(self) -> dict[str, dict[str, float]]:
         """Each metric's value and stderr."""

@@ -66,20 +66,26 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 def encode(
     examples: Sequence[Example], tokenizer: Tokenizer, block_size: int, skip_unencodable: bool = False
 ) -> Encoded:
-    """The requests of the examples. Text the tokenizer cannot encode (characters a char model never saw) is refused
-    in one line that names the example, or, with skip_unencodable, the example is skipped and listed."""
+    """The requests of the examples: lm-eval's pairs, then an example's `completion` pairs as build-nanogpt encodes
+    them (context and continuation each on its own), one request per context. Text the tokenizer cannot encode
+    (characters a char model never saw) is refused in one line that names the example, or, with skip_unencodable, the
+    example is skipped and listed."""
     encoded = Encoded([], [], set())
     for i, example in enumerate(examples):
         try:
             pairs = [encode_pair(tokenizer, example.context, c) for c in example.continuations]
+            if example.completion is not None:  # its choices follow lm-eval's
+                context, continuations = example.completion
+                pairs += [(tokenizer.encode(context), tokenizer.encode(c)) for c in continuations]
         except UsageError as e:
             if not skip_unencodable:
                 raise UsageError(f"example {i}: {e}; or pass --skip_unencodable to skip such examples") from None
             encoded.skipped.append((i, str(e)))
             continue
-        if not pairs[0][0]:
+        if not all(context for context, _ in pairs):
             raise UsageError(f"example {i}: the context is only spaces: give every example some context")
-        whole, cropped = [], []
+        whole: dict[tuple[int, ...], list[int]] = {}  # choices that fit the model's context, by their context
+        cropped = []
         for choice, (context, continuation) in enumerate(pairs):
             if not continuation:
                 raise UsageError(f"example {i}: continuation {choice} is empty: every answer needs some text")
@@ -88,10 +94,12 @@ def encode(
                     f"example {i}: continuation {choice} is {len(continuation)} tokens, longer than the model's "
                     f"context ({block_size}): it cannot be scored"
                 )
-            (whole if len(context) + len(continuation) <= block_size + 1 else cropped).append(choice)
-        if whole:
-            context = pairs[whole[0]][0]
-            encoded.requests.append(Request(i, tuple(whole), context, [pairs[c][1] for c in whole]))
+            if len(context) + len(continuation) <= block_size + 1:
+                whole.setdefault(tuple(context), []).append(choice)
+            else:
+                cropped.append(choice)
+        for context, choices in whole.items():
+            encoded.requests.append(Request(i, tuple(choices), list(context), [pairs[c][1] for c in choices]))
         for choice in cropped:  # (context + continuation)[-(block_size + 1):], the last token never fed
             context, continuation = pairs[choice]
             kept = block_size + 1 - len(continuation)

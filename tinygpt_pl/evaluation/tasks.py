@@ -3,14 +3,16 @@ dataset and split it reads, and how a document becomes a context and its continu
 
 Each document is one Example: the context, the continuations to score after it (the target delimiter " " already in
 front of a multiple-choice answer, as lm-eval builds its requests) and, for multiple choice, the answers' own texts
-(acc_norm divides by their length in characters) and the index of the right one. Task data comes from the hub through
-`datasets` (cached by it), or from a local file or folder in the hub's format for offline nodes.
+(acc_norm divides by their length in characters) and the index of the right one. HellaSwag's examples also carry
+build-nanogpt's rendering of the document (its hellaswag.py: the raw `ctx`, and " " + each raw ending), on which
+acc_token_mean is scored so that it compares with build-nanogpt's and llm.c's figures. Task data comes from the hub
+through `datasets` (cached by it), or from a local file or folder in the hub's format for offline nodes.
 """
 
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tinygpt_pl.errors import UsageError
@@ -22,6 +24,7 @@ class Example:
     continuations: list[str]  # what is scored after the context
     choices: list[str]  # the answers' texts (multiple choice), for acc_norm's lengths
     gold: int  # the right continuation (multiple choice); 0 for lambada's one
+    completion: tuple[str, list[str]] | None = None  # build-nanogpt's context and continuations, for acc_token_mean
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ def hellaswag_preprocess(text: str) -> str:
 def hellaswag(doc: dict) -> Example:
     context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
     query = hellaswag_preprocess(doc["activity_label"] + ": " + context)
-    return multiple_choice(query, [hellaswag_preprocess(ending) for ending in doc["endings"]], int(doc["label"]))
+    example = multiple_choice(query, [hellaswag_preprocess(ending) for ending in doc["endings"]], int(doc["label"]))
+    ctx = doc["ctx"] if "ctx" in doc else " ".join(filter(None, (doc["ctx_a"], doc["ctx_b"])))  # the hub's ctx
+    return replace(example, completion=(ctx, [" " + ending for ending in doc["endings"]]))
 
 
 def arc(doc: dict) -> Example:
