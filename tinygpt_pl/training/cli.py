@@ -26,6 +26,7 @@ from tinygpt_pl.data.datamodule import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import RunStopped, UsageError, exit_on_bad_input
 from tinygpt_pl.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, newest_intact_checkpoint, read_checkpoint
 from tinygpt_pl.training.fsdp import fsdp_strategy
+from tinygpt_pl.training.init_from import is_checkpoint
 from tinygpt_pl.training.module import GPTModule
 from tinygpt_pl.training.optim import check_optimizer_strategy
 from tinygpt_pl.training.safety.interrupt import GracefulStop
@@ -163,6 +164,9 @@ class TrainCLI(LightningCLI):
             config.checkpoint.dirpath = str(root / "checkpoints")
         if config.data.seed is None:
             config.data.seed = config.seed_everything
+        init_from = config.model.init_from
+        if init_from is not None and is_checkpoint(init_from) and config.data.tokenizer == "char":
+            config.data.tokenizer = init_from  # the checkpoint's tokenizer (the default char one is the corpus's)
         trainer, machine = config.trainer, Machine.this()
         gpu = uses_gpu(trainer.accelerator, machine)
         devices = count_devices(trainer.accelerator, trainer.devices, machine)
