@@ -313,6 +313,8 @@ def main(args: list[str] | None = None) -> None:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     except BaseException as e:
         cli.kill_other_processes()
+        if isinstance(e, UsageError) and cli.lock is not None:  # bad data found as the run started: no run was made
+            cli.lock.abandon()
         if not isinstance(e, RunStopped):
             raise
         say(f"error: {e}")
