@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from tinygpt_pl.data.chat import SPECIAL_TOKENS, ChatTokenizer
-from tinygpt_pl.data.conversations import ChatValBatchMaker, Conversations, chat_train_batch
+from tinygpt_pl.data.conversations import (
+    ChatValBatchMaker,
+    Conversations,
+    chat_train_batch,
+    packed_chat_train_batch,
+)
 from tinygpt_pl.data.datamodule import TextDataModule
 from tinygpt_pl.data.tokenizer import CharTokenizer, get_tokenizer, tokenizer_from_state
 from tinygpt_pl.errors import UsageError
@@ -211,3 +216,38 @@ def test_a_model_without_the_template_cannot_chat(chat_model):
         Chat(model, CharTokenizer("abcxy "), Sampling())
     with pytest.raises(UsageError, match="unknown role 'robot'"):
         Chat(model, chat_model[1], Sampling()).reply([{"role": "robot", "content": "a"}])
+
+
+def test_packed_rows_hold_whole_conversations_and_two_ranks_split_one_global_batch(tmp_path):
+    data = chat_data(tmp_path, [reversal(i) for i in range(30)], block_size=32)
+    data.prepare_data()
+    data.setup("fit")
+    conversations = data.train_tokens
+    x, y, segments = packed_chat_train_batch(conversations, 32, 8, seed=1, step=5, part=0, num_parts=1)
+    halves = [packed_chat_train_batch(conversations, 32, 4, seed=1, step=5, part=p, num_parts=2) for p in (0, 1)]
+    for i, whole in enumerate((x, y, segments)):
+        assert torch.equal(torch.cat([h[i] for h in halves]), whole)
+    user_start = data.tokenizer.start("user")
+    starts = segments[:, 1:] != segments[:, :-1]
+    assert ((x[:, 1:] == user_start) == (starts & (x[:, 1:] != 0))).all()  # a new segment at each conversation
+    assert (segments.max(dim=1).values >= 2).all()  # several conversations per row
+    assert data.tokenizer.decode(y[y != -1].tolist()).count("<|assistant_end|>") == int((x == user_start).sum())
+
+
+def test_packed_conversations_see_only_themselves(tmp_path):
+    """A conversation packed after others gets the logits it gets alone: no attention across its start, and its
+    positions counted from its own start."""
+    data = chat_data(tmp_path, [reversal(i) for i in range(30)], block_size=32)
+    data.prepare_data()
+    data.setup("fit")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+    x, y, segments = data.train_tokens.packed([3, 7, 11], 32)
+    packed, _ = model(torch.from_numpy(x)[None], segments=torch.from_numpy(segments)[None])
+    for k, i in enumerate([3, 7, 11]):
+        alone, _ = model(data.train_tokens.batch(np.array([i]), 32)[0])
+        n = int((segments == k).sum()) - 1  # the last position's input: the end token packed, padding alone
+        mine = packed[0, torch.from_numpy(segments == k)][:n]
+        torch.testing.assert_close(mine, alone[0, :n], atol=1e-5, rtol=0)
+    mixed, _ = model(torch.from_numpy(x)[None])  # without the segments, later conversations see the earlier ones
+    assert not torch.allclose(mixed[0, torch.from_numpy(segments == 2)], packed[0, torch.from_numpy(segments == 2)])

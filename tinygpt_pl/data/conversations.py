@@ -173,6 +173,20 @@ class Conversations:
         y[:n] = np.where(self.mask[start + 1 : end] > 0, ids[1:], -1)
         return x, y
 
+    def packed(self, indices: list[int], block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x, y, segments) of conversations laid end to end in one row (at most block_size + 1 tokens), padded:
+        segments numbers each position's conversation (the padding its own), for the model's document mask."""
+        ids = np.concatenate([self.ids[self.offsets[i] : self.offsets[i + 1]] for i in indices]).astype(np.int64)
+        mask = np.concatenate([self.mask[self.offsets[i] : self.offsets[i + 1]] for i in indices]) > 0
+        lengths = [self.offsets[i + 1] - self.offsets[i] for i in indices]
+        x, y = np.zeros(block_size, np.int64), np.full(block_size, -1, np.int64)
+        n = min(len(ids) - 1, block_size)
+        x[:n] = ids[:n]
+        y[:n] = np.where(mask[1 : n + 1], ids[1 : n + 1], -1)
+        segments = np.full(block_size, len(indices), np.int64)
+        segments[: min(sum(lengths), block_size)] = np.repeat(np.arange(len(indices)), lengths)[:block_size]
+        return x, y, segments
+
     def batch(self, indices: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = zip(*(self.example(i, block_size) for i in indices), strict=True)
         return torch.from_numpy(np.stack(x)), torch.from_numpy(np.stack(y))
@@ -215,6 +229,30 @@ def chat_train_batch(conversations: Conversations, block_size: int, batch_size: 
     rng = np.random.default_rng([seed, step])
     indices = rng.integers(0, len(conversations), size=num_parts * batch_size)
     return conversations.batch(indices[part * batch_size : (part + 1) * batch_size], block_size)
+
+
+PACKING_DRAW = 256  # conversation indices drawn at a time: a constant, so that the stream is the same for any split
+
+
+def packed_chat_train_batch(conversations: Conversations, block_size: int, batch_size: int, seed: int, step: int,
+                            part: int, num_parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Part `part` of the global batch of step `step`, packed (--data.packing): rows of block_size + 1 tokens, each
+    filled with whole conversations in the order (seed, step) draws them until the next one does not fit (it starts
+    the next row), the rest padding; with the segments that keep each conversation to itself."""
+    rng = np.random.default_rng([seed, step])
+    lengths = np.diff(conversations.offsets)
+    rows: list[list[int]] = [[]]
+    used = 0
+    while len(rows) <= (part + 1) * batch_size:  # until the row after this part's last one has begun
+        for i in rng.integers(0, len(conversations), size=PACKING_DRAW):
+            if used + lengths[i] > block_size + 1:
+                rows.append([])
+                used = 0
+            rows[-1].append(int(i))
+            used += lengths[i]
+    x, y, segments = zip(*(conversations.packed(row, block_size) for row in rows[part * batch_size :][:batch_size]),
+                         strict=True)  # fmt: skip
+    return torch.from_numpy(np.stack(x)), torch.from_numpy(np.stack(y)), torch.from_numpy(np.stack(segments))
 
 
 class ChatValBatchMaker:

@@ -43,6 +43,7 @@ from tinygpt_pl.data.conversations import (
     chat_base_tokenizer,
     chat_train_batch,
     open_conversations,
+    packed_chat_train_batch,
     tokenize_conversations,
 )
 from tinygpt_pl.data.sources import load_hub, load_local, local_files, source_key
@@ -247,6 +248,8 @@ class TextDataModule(L.LightningDataModule):
             the chat template (data/chat.py); the loss is on the assistant's messages only (data/conversations.py).
         strict: chat: refuse, in one line, a row that is no conversation with an assistant message (default: skip
             and count it).
+        packing: chat: training rows hold as many whole conversations as fit, each attending only to itself (a
+            document mask, positions from 0), instead of one conversation padded to block_size.
     """
 
     def __init__(
@@ -270,6 +273,7 @@ class TextDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         format: Literal["text", "chat"] = "text",
         strict: bool = False,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if block_size < 1 or batch_size < 1:
@@ -292,7 +296,7 @@ class TextDataModule(L.LightningDataModule):
         self.text_column, self.hf_path, self.hf_name, self.split = text_column, hf_path, hf_name, split
         self.num_proc = num_proc or os.cpu_count() or 1
         self.cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.format, self.strict = format, strict
+        self.format, self.strict, self.packing = format, strict, packing
         self.train_tokens: np.ndarray | Conversations | None = None
         self.val_tokens: np.ndarray | Conversations | None = None
         given = checkpoint_tokenizer(tokenizer) if tokenizer.endswith(".ckpt") else None  # --model.init_from's
@@ -428,10 +432,15 @@ class TextDataModule(L.LightningDataModule):
         accumulate = trainer.accumulate_grad_batches
         maker = TrainBatchMaker(self.train_tokens, self.block_size, self.batch_size, self.seed, accumulate,
                                 trainer.world_size, trainer.global_rank,
-                                chat_train_batch if self.format == "chat" else train_batch)  # fmt: skip
+                                self.draw_train_batch())  # fmt: skip
         # Start where the (possibly resumed) run stands, so a resumed run sees what an uninterrupted one would.
         stop = trainer.max_steps * accumulate if trainer.max_steps > 0 else sys.maxsize
         return self._loader(IndexedBatches(maker, range(trainer.global_step * accumulate, stop)))
+
+    def draw_train_batch(self) -> Callable:
+        if self.format == "chat":
+            return packed_chat_train_batch if self.packing else chat_train_batch
+        return train_batch
 
     def val_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -174,9 +174,8 @@ class GPTModule(L.LightningModule):
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        _, loss = self.model(x, y)
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        _, loss = self.model(*batch)  # x, y, and packed conversations' segments (data/conversations.py)
         self.guard.observe_loss(loss.detach())
         if self.logs_this_step():
             self.step_losses.append(loss.detach())
