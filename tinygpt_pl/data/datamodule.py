@@ -53,14 +53,13 @@ from tinygpt_pl.data.tokenizer import (
     TOKENIZER_NAMES,
     CharTokenizer,
     SentencePieceTokenizer,
-    Tokenizer,
     get_tokenizer,
     padded_vocab_size,
     tokenizer_from_state,
     train_sentencepiece,
 )
 from tinygpt_pl.errors import UsageError
-from tinygpt_pl.training.checkpoint import read_checkpoint
+from tinygpt_pl.training.init_from import source_model
 from tinygpt_pl.training.safety.signals import ignore_signals
 
 DEFAULT_SEED = 1337
@@ -115,16 +114,6 @@ def read_text(path: Path) -> str:
             f"data file {str(path)!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): "
             "convert it to UTF-8"
         ) from None
-
-
-def checkpoint_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer of a train.py checkpoint (--data.tokenizer path/to/last.ckpt, which --model.init_from sets)."""
-    if not Path(path).is_file():
-        raise UsageError(f"--data.tokenizer {path}: no such checkpoint: pass an existing .ckpt or a tokenizer's name")
-    state = read_checkpoint(path, mmap=True).get(TextDataModule.__qualname__)
-    if state is None:
-        raise UsageError(f"--data.tokenizer {path} is not a checkpoint of a train.py run: pass a .ckpt that one wrote")
-    return tokenizer_from_state(state["tokenizer"])
 
 
 def train_batch(
@@ -236,7 +225,8 @@ class TextDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes per device.
         cache_dir: where downloads and token files go; default $TINYGPT_PL_CACHE or ~/.cache/tinygpt_pl.
         tokenizer: char, gpt2, r50k_base, cl100k_base or o200k_base; sentencepiece: a SentencePiece model trained on
-            the training split, once (the cache keeps it by source and settings); or a SentencePiece .model file.
+            the training split, once (the cache keeps it by source and settings); a SentencePiece .model file; or a
+            train.py checkpoint's (path/to/last.ckpt; --model.init_from a checkpoint sets it).
         tokenizer_vocab_size: the pieces of the trained SentencePiece model (default 1024).
         tokenizer_model_type: the trained SentencePiece model's algorithm, bpe (default) or unigram.
         text_column: the column of .jsonl/.json/.parquet files or hub datasets that holds the text (chat: the
@@ -299,7 +289,9 @@ class TextDataModule(L.LightningDataModule):
         self.format, self.strict, self.packing = format, strict, packing
         self.train_tokens: np.ndarray | Conversations | None = None
         self.val_tokens: np.ndarray | Conversations | None = None
-        given = checkpoint_tokenizer(tokenizer) if tokenizer.endswith(".ckpt") else None  # --model.init_from's
+        given = source_model(tokenizer)[1] if tokenizer.endswith(".ckpt") else None  # --model.init_from's
+        if packing and format != "chat":
+            raise UsageError("--data.packing packs conversations: it needs --data.format chat")
         if format == "chat":
             self.tokenizer = ChatTokenizer(given or chat_base_tokenizer(tokenizer))
             if not (path or hf_path):
