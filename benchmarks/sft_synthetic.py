@@ -39,8 +39,8 @@ from tinygpt_pl.model import GPT  # noqa: E402
 from tinygpt_pl.training.init_from import init_from_state  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-# one thread per train.py: the model is tiny, and on a CPU shared with other work a second thread only waits (the base
-# recipe ran 3x faster so on this machine's 2 loaded cores)
+# one thread per train.py: the model is tiny, and on a CPU shared with other work a second thread only waits (on this
+# machine's 2 cores under a load of ~10, the base recipe ran ~10 steps/s so, against ~0.3 with the default threads)
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
