@@ -160,6 +160,7 @@ class GPTModule(L.LightningModule):
         self.step_losses: list[torch.Tensor] = []  # the micro-batch losses of a logging step, kept on the device
 
     def build(self) -> None:
+        """The model of the hyperparameters (again in setup, when the data's chat template needs more rows)."""
         try:
             self.model = build_model(self.hparams)
         except ValueError as e:
