@@ -183,7 +183,10 @@ on the same {args.train_conversations // 50:,} held-out conversations; time from
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Faster to the same val/loss: **{"packed" if faster else "padded"}**.
+Faster to the same val/loss: **{"packed" if faster else "padded"}**. val/loss (s from the start) at each validation:
+
+{chr(10).join(f"- {'packed' if packing else 'padded'}: " + ", ".join(f"step {step + 1}: {loss:.4f} ({t:.0f} s)"
+                                                         for t, step, loss in run["curve"]) for packing, run in runs.items())}
 """
     record("Chat fine-tuning on a CPU: reversing words (benchmarks/sft_synthetic.py)", body)
 
