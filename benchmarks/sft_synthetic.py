@@ -163,6 +163,9 @@ def main() -> None:
         rows.append(f"| {'packed: 24 rows of 64' if packing else 'padded: 64 rows of 24'} | {run['steps']} | "
                     f"{run['wall']:.0f} | {run['steps'] / run['wall']:.2f} | {final[2]:.4f} | "
                     f"{time_to(run, reached):.0f} |")  # fmt: skip
+    curves = [f"- {'packed' if packing else 'padded'}: "
+              + ", ".join(f"step {step + 1}: {loss:.4f} ({t:.0f} s)" for t, step, loss in run["curve"])
+              for packing, run in runs.items()]  # fmt: skip
     body = f"""{stamp(command)}
 Target: fine-tuned with train.py for at most 5 minutes, the model reverses >= 90% of 200 held-out words exactly through
 the chat path (greedy), where the base model reverses <= 10%. The machine is shared with other sessions (load average
@@ -185,8 +188,7 @@ on the same {args.train_conversations // 50:,} held-out conversations; time from
 
 Faster to the same val/loss: **{"packed" if faster else "padded"}**. val/loss (s from the start) at each validation:
 
-{chr(10).join(f"- {'packed' if packing else 'padded'}: " + ", ".join(f"step {step + 1}: {loss:.4f} ({t:.0f} s)"
-                                                         for t, step, loss in run["curve"]) for packing, run in runs.items())}
+{chr(10).join(curves)}
 """
     record("Chat fine-tuning on a CPU: reversing words (benchmarks/sft_synthetic.py)", body)
 
