@@ -138,6 +138,12 @@ def test_a_bad_request_gets_a_4xx_and_the_server_goes_on(url, body, status, mess
     assert post(url, {"prompt": "a", "max_tokens": 2})[0] == 200
 
 
+def test_a_model_that_is_not_a_chat_model_gets_a_400_on_the_chat_endpoint(url):
+    status, _, body = post(url.replace("/v1/completions", "/v1/chat/completions"),
+                           {"messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+    assert status == 400 and "is not a chat model" in json.loads(body)["detail"]
+
+
 def test_sample_streams_the_text_it_prints_whole(ckpt):
     command = [sys.executable, str(ROOT / "sample.py"), "--ckpt_path", str(ckpt), "--prompt", "JULIET:",
                "--max_new_tokens", "40", "--top_p", "0.8", "--seed", "5", "--stream", "true"]  # fmt: skip

@@ -146,7 +146,8 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = nn.RMSNorm(config.head_size, elementwise_affine=False) if config.qk_norm else nn.Identity()
         self.rotary = RotaryEmbedding(config.head_size, config.block_size) if config.pos_emb == "rotary" else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask (B, 1, T, T): which positions each may attend to, for packed documents (default: causal)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
@@ -161,10 +162,28 @@ class CausalSelfAttention(nn.Module):
         # The scale keeps the scores' variance near 1, so softmax stays diffuse at initialisation instead of
         # converging to one-hot (lecture: "scaled attention").
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=past_mask(T, k.size(2), x.device), dropout_p=dropout,
-                                           is_causal=T == k.size(2) and T > 1)  # fmt: skip
+        if mask is None:
+            mask = past_mask(T, k.size(2), x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=mask is None and T == k.size(2) and T > 1)  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads
         return self.resid_dropout(self.c_proj(y))
+
+
+def document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T): each position attends to the positions before it of its own document (segments (B, T): the
+    document of each position), so that documents packed into one row do not see each other."""
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
+
+
+def document_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T): each position's index within its document, as if the document started the row."""
+    index = torch.arange(segments.size(1), device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
 def past_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor | None:
@@ -201,8 +220,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -215,8 +234,8 @@ class PlainBlock(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = FeedForward(config) if config.feed_forward else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.mlp(self.attn(x, cache))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp(self.attn(x, cache, mask))
 
 
 class GPT(nn.Module):
@@ -268,31 +287,37 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for every position; with targets, the mean cross-entropy too.
 
-        Targets equal to -1 are ignored (padding at the end of the validation split).
+        Targets equal to -1 are ignored (padding at the end of the validation split, what the loss mask leaves out).
+        segments (B, T): the document of each position, when several are packed into a row (data/conversations.py).
         """
-        logits = self.logits(self.hidden_states(idx))
+        logits = self.logits(self.hidden_states(idx, segments=segments))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, caches: list[KVCache] | None = None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The last Block's output, normalised (B, T, n_embd). With caches (one per Block), idx holds only the
-        positions after those cached."""
+        positions after those cached. With segments, each packed document attends only to itself and has the
+        positions it would have alone (rotary positions need no change: they only measure distances)."""
         B, T = idx.shape
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)
+        mask = None if segments is None else document_mask(segments)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            positions = torch.arange(start, start + T, device=idx.device)
+            x = x + self.transformer.wpe(positions if segments is None else document_positions(segments))
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, mask)
         return self.transformer.ln_f(x)
 
     def logits(self, x: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,6 +35,17 @@ from tinygpt_pl.data.cache import (
     tokenize_to_file,
     training_text,
 )
+from tinygpt_pl.data.chat import ChatTokenizer
+from tinygpt_pl.data.conversations import (
+    MESSAGES,
+    ChatValBatchMaker,
+    Conversations,
+    chat_base_tokenizer,
+    chat_train_batch,
+    open_conversations,
+    packed_chat_train_batch,
+    tokenize_conversations,
+)
 from tinygpt_pl.data.sources import load_hub, load_local, local_files, source_key
 from tinygpt_pl.data.tokenizer import (
     SENTENCEPIECE,
@@ -48,6 +59,7 @@ from tinygpt_pl.data.tokenizer import (
     train_sentencepiece,
 )
 from tinygpt_pl.errors import UsageError
+from tinygpt_pl.training.init_from import source_model
 from tinygpt_pl.training.safety.signals import ignore_signals
 
 DEFAULT_SEED = 1337
@@ -158,16 +170,16 @@ class EveryItemInOrder(DistributedSampler):
 class TrainBatchMaker:
     """Micro-batch i of this rank: step i // accumulate, part (i % accumulate) * world_size + rank."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, accumulate: int,
-                 world_size: int, rank: int) -> None:  # fmt: skip
+    def __init__(self, tokens: np.ndarray | Conversations, block_size: int, batch_size: int, seed: int,
+                 accumulate: int, world_size: int, rank: int, draw: Callable = train_batch) -> None:  # fmt: skip
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
-        self.accumulate, self.world_size, self.rank = accumulate, world_size, rank
+        self.accumulate, self.world_size, self.rank, self.draw = accumulate, world_size, rank, draw
 
     def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         step, k = divmod(i, self.accumulate)
         part = k * self.world_size + self.rank
         num_parts = self.accumulate * self.world_size
-        return train_batch(self.tokens, self.block_size, self.batch_size, self.seed, step, part, num_parts)
+        return self.draw(self.tokens, self.block_size, self.batch_size, self.seed, step, part, num_parts)
 
 
 class ValBatchMaker:
@@ -223,13 +235,21 @@ class TextDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes per device.
         cache_dir: where downloads and token files go; default $TINYGPT_PL_CACHE or ~/.cache/tinygpt_pl.
         tokenizer: char, gpt2, r50k_base, cl100k_base or o200k_base; sentencepiece: a SentencePiece model trained on
-            the training split, once (the cache keeps it by source and settings); or a SentencePiece .model file.
+            the training split, once (the cache keeps it by source and settings); a SentencePiece .model file; or a
+            train.py checkpoint's (path/to/last.ckpt; --model.init_from a checkpoint sets it).
         tokenizer_vocab_size: the pieces of the trained SentencePiece model (default 1024).
         tokenizer_model_type: the trained SentencePiece model's algorithm, bpe (default) or unigram.
-        text_column: the column of .jsonl/.json/.parquet files or hub datasets that holds the text.
+        text_column: the column of .jsonl/.json/.parquet files or hub datasets that holds the text (chat: the
+            conversations, default messages).
         hf_path, hf_name, split: a hub dataset, its config and the split to train on (instead of path).
         val_max_tokens: at most this many val tokens (validation passes stay short on huge corpora).
         num_proc: processes that tokenize; default all CPUs.
+        format: text, or chat: rows with a messages list of {role, content} (Hugging Face's chat format), rendered by
+            the chat template (data/chat.py); the loss is on the assistant's messages only (data/conversations.py).
+        strict: chat: refuse, in one line, a row that is no conversation with an assistant message (default: skip
+            and count it).
+        packing: chat: training rows hold as many whole conversations as fit, each attending only to itself (a
+            document mask, positions from 0), instead of one conversation padded to block_size.
     """
 
     def __init__(
@@ -251,6 +271,9 @@ class TextDataModule(L.LightningDataModule):
         split: str = "train",
         val_max_tokens: int | None = None,
         num_proc: int | None = None,
+        format: Literal["text", "chat"] = "text",
+        strict: bool = False,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if block_size < 1 or batch_size < 1:
@@ -273,14 +296,28 @@ class TextDataModule(L.LightningDataModule):
         self.text_column, self.hf_path, self.hf_name, self.split = text_column, hf_path, hf_name, split
         self.num_proc = num_proc or os.cpu_count() or 1
         self.cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.train_tokens: np.ndarray | None = None
-        self.val_tokens: np.ndarray | None = None
-        if tokenizer == "char":
+        self.format, self.strict, self.packing = format, strict, packing
+        self.train_tokens: np.ndarray | Conversations | None = None
+        self.val_tokens: np.ndarray | Conversations | None = None
+        given = source_model(tokenizer)[1] if tokenizer.endswith(".ckpt") else None  # --model.init_from's
+        if packing and format != "chat":
+            raise UsageError("--data.packing packs conversations: it needs --data.format chat")
+        if format == "chat":
+            self.tokenizer = ChatTokenizer(given or chat_base_tokenizer(tokenizer))
+            if not (path or hf_path):
+                raise UsageError("--data.format chat needs conversations: pass --data.path or --data.hf_path")
+            self.files = None if hf_path else local_files(path)
+            self.text_column = MESSAGES if text_column == "text" else text_column
+            self.source, self.source_digest = source_key(self.files, hf_path, hf_name, split, self.text_column)
+            settings = json.dumps([self.tokenizer.state_dict(), block_size], default=repr)
+            name = f"{self.tokenizer.name}-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
+            self.token_dir = self.cache / "chat" / f"{name}-{self.source_digest}"
+        elif tokenizer == "char" or isinstance(given, CharTokenizer):
             if hf_path:
                 raise UsageError("the char tokenizer reads one text file: pass --data.path, or a BPE --data.tokenizer")
             self.path = Path(path).expanduser() if path else fetch_tiny_shakespeare(self.cache)
             self.text = read_text(self.path)
-            self.tokenizer = CharTokenizer.from_text(self.text)
+            self.tokenizer = getattr(given, "base", given) or CharTokenizer.from_text(self.text)
             check_enough(*split_sizes(len(self.text), val_fraction, val_max_tokens), block_size, repr(str(self.path)))
             self.token_dir = None
         else:
@@ -289,8 +326,9 @@ class TextDataModule(L.LightningDataModule):
             if tokenizer == SENTENCEPIECE:
                 self.tokenizer = self.trained_sentencepiece(tokenizer_vocab_size or 1024, tokenizer_model_type or "bpe")
             else:
-                self.tokenizer = get_tokenizer(tokenizer)
-            name = tokenizer if tokenizer in TOKENIZER_NAMES else f"{SENTENCEPIECE}-{self.tokenizer.digest}"
+                self.tokenizer = getattr(given, "base", given) or get_tokenizer(tokenizer)
+            name = self.tokenizer.name
+            name = name if name in TOKENIZER_NAMES else f"{SENTENCEPIECE}-{self.tokenizer.digest}"
             self.token_dir = self.cache / "tokens" / f"{name}-{self.source_digest}"
 
     @property
@@ -298,7 +336,7 @@ class TextDataModule(L.LightningDataModule):
         """The model's vocabulary: BPE vocabularies padded to a multiple of 64 for speed; the char one as it is
         (it is tiny, and the lecture's model has exactly its 65 characters)."""
         n = self.tokenizer.vocab_size
-        return n if self.token_dir is None else padded_vocab_size(n)
+        return n if isinstance(getattr(self.tokenizer, "base", self.tokenizer), CharTokenizer) else padded_vocab_size(n)
 
     def describe(self) -> str:
         """The corpus in a few words: source, tokenizer, tokens in each split (after setup)."""
@@ -334,6 +372,10 @@ class TextDataModule(L.LightningDataModule):
         meta = {"source": self.source, "tokenizer": self.tokenizer.name, "has_val": "val" in splits}
         self.token_dir.mkdir(parents=True, exist_ok=True)
         for name in sorted(splits, reverse=True):  # train last: its sidecar marks the whole prepare finished
+            if self.format == "chat":
+                tokenize_conversations(splits[name], self.text_column, self.tokenizer, self.block_size, self.strict,
+                                       self.token_dir / f"{name}.bin", meta, self.num_proc)  # fmt: skip
+                continue
             tokenize_to_file(splits[name], self.text_column, self.tokenizer, self.token_dir / f"{name}.bin", meta,
                              self.num_proc)  # fmt: skip
 
@@ -360,6 +402,9 @@ class TextDataModule(L.LightningDataModule):
         splits = self.cached_splits(full=False)
         if not splits:
             raise UsageError(f"no tokenized corpus in {self.token_dir}: run prepare_data() before setup()")
+        if self.format == "chat":
+            self.train_tokens, self.val_tokens = open_conversations(self.token_dir, splits, self.val_fraction)
+            return
         ids = open_tokens(self.token_dir / "train.bin")
         if "val" in splits:
             self.train_tokens, self.val_tokens = ids, open_tokens(self.token_dir / "val.bin")[: self.val_max_tokens]
@@ -372,8 +417,10 @@ class TextDataModule(L.LightningDataModule):
     def val_tokens_per_byte(self) -> float:
         """The val split's targets (every val token but the first) per UTF-8 byte of the text they stand for: val/bpb
         is val/loss times this over ln 2. Counted once, a piece at a time (the val split may be large, on disk)."""
-        targets = self.val_tokens[1:]
         lengths = self.tokenizer.byte_lengths()
+        if self.format == "chat":
+            return self.val_tokens.targets_per_byte(lengths)
+        targets = self.val_tokens[1:]
         piece = 1 << 24
         n_bytes = sum(int(lengths[targets[i : i + piece]].sum()) for i in range(0, len(targets), piece))
         return len(targets) / n_bytes
@@ -393,15 +440,21 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches
         maker = TrainBatchMaker(self.train_tokens, self.block_size, self.batch_size, self.seed, accumulate,
-                                trainer.world_size, trainer.global_rank)  # fmt: skip
+                                trainer.world_size, trainer.global_rank,
+                                self.draw_train_batch())  # fmt: skip
         # Start where the (possibly resumed) run stands, so a resumed run sees what an uninterrupted one would.
         stop = trainer.max_steps * accumulate if trainer.max_steps > 0 else sys.maxsize
         return self._loader(IndexedBatches(maker, range(trainer.global_step * accumulate, stop)))
 
+    def draw_train_batch(self) -> Callable:
+        if self.format == "chat":
+            return packed_chat_train_batch if self.packing else chat_train_batch
+        return train_batch
+
     def val_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        maker = ValBatchMaker(self.val_tokens, self.block_size, self.batch_size, trainer.world_size,
-                              trainer.global_rank)  # fmt: skip
+        make = ChatValBatchMaker if self.format == "chat" else ValBatchMaker
+        maker = make(self.val_tokens, self.block_size, self.batch_size, trainer.world_size, trainer.global_rank)
         return self._loader(IndexedBatches(maker, range(len(maker))))
 
     def state_dict(self) -> dict:

@@ -338,7 +338,12 @@ def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
 
 
 def tokenizer_from_state(state: dict) -> Tokenizer:
-    """The tokenizer that state_dict() described, e.g. as stored in a checkpoint."""
+    """The tokenizer that state_dict() described, e.g. as stored in a checkpoint (with a chat template: chat.py's)."""
+    if "chat_template" in state:
+        from tinygpt_pl.data.chat import ChatTokenizer, check_template  # chat.py builds on this module
+
+        check_template(state["chat_template"])
+        return ChatTokenizer(tokenizer_from_state({k: v for k, v in state.items() if k != "chat_template"}))
     name = state.get("name")
     if name == "char":
         return CharTokenizer(state["chars"])

@@ -87,7 +87,7 @@ class Batch:
         for uid, run in list(self.running.items()):
             completion = run.completion
             token = int(run.next_token)
-            if token == completion.tokenizer.eot_id:
+            if token == completion.end_id:
                 out += self._end(uid)
                 continue
             run.idx = torch.cat((run.idx, run.next_token.view(1, 1)), dim=1)

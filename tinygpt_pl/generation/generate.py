@@ -130,16 +130,19 @@ def stream_ids(
     eot_id: int | None = None,
     kv_cache: bool = True,
     generator: torch.Generator | None = None,
+    next_logits: NextTokenLogits | None = None,
 ) -> Iterator[torch.Tensor]:
     """The tokens (B,) that follow idx (B, T), one per step, up to max_new_tokens.
 
     vocab_limit: ids at or above it are never chosen (the padding rows of the embedding).
     eot_id: stop when it is chosen (one sequence only, B = 1), without yielding it.
     generator: the random source, so that a seed fixes the output without touching the global RNG.
+    next_logits: the model's (and its caches') state from a previous call whose idx this idx extends, so that the
+        positions it ran are not run again (a chat's earlier turns); default a new one.
     """
     if eot_id is not None and idx.size(0) != 1:
         raise ValueError(f"stopping at the end-of-text token needs one sequence, got {idx.size(0)}")
-    next_logits = NextTokenLogits(model, kv_cache)
+    next_logits = next_logits or NextTokenLogits(model, kv_cache)
     for _ in range(max_new_tokens):
         idx_next = sampling.choose(next_logits(idx)[:, :vocab_limit], generator)
         if eot_id is not None and idx_next.item() == eot_id:
@@ -160,9 +163,10 @@ class Completion:
     """The text a model continues a prompt with, as OpenAI's completions define it: iterate over it for the text as it
     is generated, in pieces; afterwards text, finish_reason and the token counts tell the result.
 
-    It ends at the end-of-text token (BPE tokenizers; finish_reason "stop"), at the first of the stop strings (which
-    the text leaves out; "stop") or after max_new_tokens ("length"). While stop strings could still begin in the
-    last characters, those wait. An empty prompt starts a new document (the end-of-text token) where there is one.
+    It ends at the end-of-text token (BPE tokenizers; or end_id, a chat reply's end; finish_reason "stop"), at the
+    first of the stop strings (which the text leaves out; "stop") or after max_new_tokens ("length"). While stop strings
+    could still begin in the last characters, those wait. An empty prompt starts a new document (the end-of-text token)
+    where there is one.
     The prompt may also be token ids (OpenAI's API takes both); completion_ids are the tokens generated.
     """
 
@@ -176,6 +180,8 @@ class Completion:
         stop: Sequence[str] = (),
         kv_cache: bool = True,
         generator: torch.Generator | None = None,
+        end_id: int | None = None,
+        next_logits: NextTokenLogits | None = None,
     ) -> None:
         if max_new_tokens < 0:
             raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -190,6 +196,8 @@ class Completion:
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.max_new_tokens, self.stop, self.kv_cache, self.generator = max_new_tokens, tuple(stop), kv_cache, generator
         self.prompt_ids = ids
+        self.end_id = tokenizer.eot_id if end_id is None else end_id  # the token that ends it (not part of it)
+        self.next_logits = next_logits  # a chat's caches of the prompt's start (chat.py)
         self.held = max(map(len, self.stop), default=1) - 1  # characters that could be the start of a stop string
         # decoded after the prompt: a token's text can depend on the one before (SentencePiece's leading spaces)
         self.prompt_chars = len(tokenizer.decode(ids))
@@ -202,7 +210,8 @@ class Completion:
         device = next(self.model.parameters()).device
         idx = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
         tokens = stream_ids(self.model, idx, self.max_new_tokens, self.sampling, vocab_limit=self.tokenizer.vocab_size,
-                            eot_id=self.tokenizer.eot_id, kv_cache=self.kv_cache, generator=self.generator)  # fmt: skip
+                            eot_id=self.end_id, kv_cache=self.kv_cache, generator=self.generator,
+                            next_logits=self.next_logits)  # fmt: skip
         for token in tokens:
             yield from self.feed(token.item())
             if self.finish_reason is not None:

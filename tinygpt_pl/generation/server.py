@@ -3,7 +3,9 @@ that serve.py runs. POST /v1/completions takes prompt, max_tokens, temperature, 
 (server-sent events, as OpenAI's API sends them), and answers with OpenAI's text_completion JSON; a bad request gets
 a 4xx with a message. As OpenAI's legacy completions API, it also takes token ids or several prompts (a choice each),
 `logprobs` (the log-probability of each token and the N most likely, generation/logprobs.py) and `echo` (the prompt
-before the completion, with its tokens' log-probabilities), which lm-eval's local-completions model scores with."""
+before the completion, with its tokens' log-probabilities), which lm-eval's local-completions model scores with.
+A chat model (fine-tuned with --data.format chat) also answers POST /v1/chat/completions: messages instead of a
+prompt, OpenAI's chat.completion JSON or chat.completion.chunk stream (generation/chat.py)."""
 
 import asyncio
 import json
@@ -24,6 +26,7 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.generation.batch import Batch, Cancel, TimedOut
+from tinygpt_pl.generation.chat import Chat
 from tinygpt_pl.generation.generate import Completion, Sampling
 from tinygpt_pl.generation.logprobs import openai_logprobs
 from tinygpt_pl.load import load_model
@@ -49,6 +52,22 @@ class CompletionRequest(BaseModel):
         return list(self.prompt)
 
 
+class ChatMessage(BaseModel):
+    role: StrictStr
+    content: StrictStr
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completions request that apply to one choice (others are ignored)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt = Field(256, ge=1)
+    temperature: float = Field(1.0, strict=True)
+    top_p: float = Field(1.0, strict=True)
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+
+
 def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
     """An error response with OpenAI's body, as its API answers a request it refuses."""
     error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
@@ -71,6 +90,7 @@ class CompletionsSpec(LitSpec):
         self.api_path = "/v1/completions"
         self.model_name, self.max_tokens_limit = model_name, max_tokens_limit
         self.add_endpoint(self.api_path, self.completions, ["POST"])
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
 
     @property
     def stream(self) -> bool:
@@ -79,11 +99,17 @@ class CompletionsSpec(LitSpec):
     def encode_response(self, output: dict, context_kwargs: dict | None = None) -> dict:
         return output
 
+    def beyond_limit(self, max_tokens: int) -> JSONResponse | None:
+        """OpenAI's 400 for more tokens than the server allows: answered at once, even while the worker is busy."""
+        if max_tokens <= self.max_tokens_limit:
+            return None
+        message = (f"max_tokens is {max_tokens}, more than this server allows ({self.max_tokens_limit}, "
+                   f"serve.py --max_tokens_limit): ask for {self.max_tokens_limit} tokens or fewer")  # fmt: skip
+        return openai_error(400, message, "max_tokens")
+
     async def completions(self, request: CompletionRequest) -> Any:
-        if request.max_tokens > self.max_tokens_limit:  # refused here, at once, even while the worker is busy
-            message = (f"max_tokens is {request.max_tokens}, more than this server allows ({self.max_tokens_limit}, "
-                       f"serve.py --max_tokens_limit): ask for {self.max_tokens_limit} tokens or fewer")  # fmt: skip
-            return openai_error(400, message, "max_tokens")
+        if (refused := self.beyond_limit(request.max_tokens)) is not None:
+            return refused
         prompts = request.prompts()
         if request.stream and (len(prompts) > 1 or request.logprobs is not None or request.echo):
             return openai_error(400, "stream takes one prompt, without logprobs or echo: drop stream", "stream")
@@ -152,6 +178,41 @@ class CompletionsSpec(LitSpec):
             if not ended:
                 cancel()
 
+    async def chat_completions(self, request: ChatCompletionRequest) -> Any:
+        """OpenAI's chat completion: the assistant's message, or a stream of chunks with its pieces as deltas."""
+        if (refused := self.beyond_limit(request.max_tokens)) is not None:
+            return refused
+        uid, messages = self.submit(request)
+        first = await anext(messages)
+        header = {"id": f"chatcmpl-{uid.hex}", "created": int(time.time()), "model": self.model_name}
+        if request.stream:
+            return StreamingResponse(self.chat_events(header, first, messages), media_type="text/event-stream")
+        text, last = first["text"], first
+        async for message in messages:
+            text, last = text + message["text"], message
+        reply = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last["finish_reason"]}
+        return {**header, "object": "chat.completion", "choices": [reply], "usage": last["usage"]}
+
+    @staticmethod
+    async def chat_events(header: dict, first: dict, messages: AsyncIterator[dict]) -> AsyncIterator[str]:
+        """OpenAI's chat stream: the role, a chunk per text piece, finish_reason in the last one, then [DONE]."""
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> str:
+            data = {**header, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}  # fmt: skip
+            return f"data: {json.dumps(data)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        message = first
+        while True:
+            if message["text"]:
+                yield chunk({"content": message["text"]})
+            if "finish_reason" in message:
+                yield chunk({}, message["finish_reason"])
+                break
+            message = await anext(messages)
+        yield "data: [DONE]\n\n"
+
 
 class CompletionAPI(ls.LitAPI):
     """The inference worker: the model, and the completions under way, generated together (generation/batch.py)."""
@@ -167,25 +228,30 @@ class CompletionAPI(ls.LitAPI):
         self.model, self.tokenizer = load_model(self.ckpt_path, device)
         self.torch_device = device
         self.batch = Batch(self.model, self.max_size, self.time_limit, self.kv_cache)
-        self.requests: dict[str, CompletionRequest] = {}  # those under way, for their options
+        self.requests: dict[str, CompletionRequest | ChatCompletionRequest] = {}  # those under way, for their options
 
-    def decode_request(self, request: CompletionRequest) -> Completion:
-        """The completion of the request's one prompt (the endpoint sends each prompt on its own)."""
+    def decode_request(self, request: CompletionRequest | ChatCompletionRequest) -> Completion:
+        """The completion of the request's one prompt (the endpoint sends each prompt on its own), or a chat's reply
+        (the code of sample.py --chat)."""
         generator = torch.Generator(self.torch_device)
         if request.seed is None:
             generator.seed()
         else:
             generator.manual_seed(request.seed)
-        stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
         try:
             sampling = Sampling(temperature=request.temperature, top_p=request.top_p)
+            if isinstance(request, ChatCompletionRequest):
+                chat = Chat(self.model, self.tokenizer, sampling, request.max_tokens, self.kv_cache, generator,
+                            source=self.ckpt_path)  # fmt: skip
+                return chat.reply([message.model_dump() for message in request.messages]).completion
+            stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
             return Completion(self.model, self.tokenizer, request.prompt, request.max_tokens, sampling, stop,
                               kv_cache=self.kv_cache, generator=generator)  # fmt: skip
         except UsageError as e:
             raise HTTPException(400, str(e)) from None
 
     # LitServe's continuous batching loop: requests come in through add_request, and step() runs while any is active
-    def add_request(self, uid: str, request: CompletionRequest | Cancel) -> None:
+    def add_request(self, uid: str, request: CompletionRequest | ChatCompletionRequest | Cancel) -> None:
         if isinstance(request, Cancel):
             self.batch.add(uid, request)
             return
@@ -229,11 +295,11 @@ class CompletionAPI(ls.LitAPI):
     def has_active_requests(self) -> bool:
         return self.batch.active()
 
-    def whole_choice(self, message: dict, request: CompletionRequest) -> dict:
+    def whole_choice(self, message: dict, request: CompletionRequest | ChatCompletionRequest) -> dict:
         """A plain completion's message: with echo the prompt's text before the completion's; with logprobs those of
         the tokens returned (the generated ones up to a stop string)."""
         prompt, ids, text = message.pop("prompt_ids"), message.pop("completion_ids"), message["text"]
-        if request.logprobs is None and not request.echo:
+        if not isinstance(request, CompletionRequest) or (request.logprobs is None and not request.echo):
             return message
         kept = len(ids)  # the generated tokens that begin within the text returned
         prompt_chars = len(self.tokenizer.decode(prompt))

@@ -12,11 +12,8 @@ Hugging Face model is asked for: checkpoints load without them.
 
 import importlib
 import json
-from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 
@@ -107,28 +104,6 @@ def gpt_config_from_hf(config: dict, source: str) -> dict:
         tie_weights=config.get("tie_word_embeddings", True),
         **GPT2_ARCHITECTURE,
     )
-
-
-def init_from_hparams(source: str, hparams: Mapping[str, Any]) -> dict:
-    """The model hyperparameters of a run that starts from the weights of source (--model.init_from): their shape
-    and vocabulary, with the run's block_size (at most their context) and dropout. Refuses, in one line, settings
-    that contradict them: a value other than GPTConfig's default that differs from the weights'."""
-    values = gpt_config_from_hf(hf_config(source), source)
-    if hparams.get("arch", "gpt") != "gpt":
-        raise UsageError(f"--model.init_from {source} loads a GPT: drop --model.arch {hparams['arch']}")
-    defaults = asdict(GPTConfig())
-    for key, value in values.items():
-        if key not in ("vocab_size", "block_size") and hparams[key] not in (defaults[key], value):
-            raise UsageError(
-                f"--model.{key} {hparams[key]} contradicts the weights of {source} ({key}={value}): "
-                "drop it (the model takes the weights' shape)"
-            )
-    if hparams["block_size"] > values["block_size"]:
-        raise UsageError(
-            f"--data.block_size {hparams['block_size']} is longer than the context of {source} "
-            f"({values['block_size']} positions): pass --data.block_size {values['block_size']} or less"
-        )
-    return {**values, "block_size": hparams["block_size"]}
 
 
 def hf_weights(source: str) -> dict[str, torch.Tensor]:

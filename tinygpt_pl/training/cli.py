@@ -29,6 +29,7 @@ from tinygpt_pl.errors import RunStopped, UsageError, exit_on_bad_input
 from tinygpt_pl.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, newest_intact_checkpoint, read_checkpoint
 from tinygpt_pl.training.console import FirstScreen, RunLogger, StepProgressBar, quiet_lightning, say
 from tinygpt_pl.training.fsdp import fsdp_strategy
+from tinygpt_pl.training.init_from import is_checkpoint
 from tinygpt_pl.training.module import GPTModule
 from tinygpt_pl.training.optim import check_optimizer_strategy
 from tinygpt_pl.training.safety.interrupt import GracefulStop
@@ -196,6 +197,9 @@ class TrainCLI(LightningCLI):
         if config.data.seed is None:
             config.data.seed = config.seed_everything
         self.first_screen.configs = [str(path) for path in config.get("config") or []]
+        init_from = config.model.init_from
+        if init_from is not None and is_checkpoint(init_from) and config.data.tokenizer == "char":
+            config.data.tokenizer = init_from  # the checkpoint's tokenizer (the default char one is the corpus's)
         trainer, machine = config.trainer, Machine.this()
         gpu = uses_gpu(trainer.accelerator, machine)
         devices = count_devices(trainer.accelerator, trainer.devices, machine)
@@ -367,6 +371,8 @@ def main(args: list[str] | None = None) -> None:
             cli.watch.wait_for_death(timeout=10)  # an error in a collective because a peer died: one line instead
             cli.watch.leave(f"error {type(e).__name__}: {' '.join(str(e).split())[:200]}")
         cli.kill_other_processes()
+        if isinstance(e, UsageError) and cli.lock is not None:  # bad data found as the run started: no run was made
+            cli.lock.abandon()
         if not isinstance(e, RunStopped):
             raise
         cli.watch.leave()

@@ -16,8 +16,8 @@ from tinygpt_pl.bigram import BigramConfig, BigramLanguageModel
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.evaluation.training import TrainingEvaluation
 from tinygpt_pl.generation.generate import Sampling, generate
-from tinygpt_pl.hf.convert import gpt_state_from_hf, hf_weights, init_from_hparams
 from tinygpt_pl.model import GPT, GPTConfig
+from tinygpt_pl.training.init_from import check_tokenizer, init_from_hparams, init_from_state
 from tinygpt_pl.training.optim import Muon, MuonWithAdamW, check_optimizer_strategy, renumber_optimizer_state
 from tinygpt_pl.training.safety.nonfinite import NonFiniteGuard
 
@@ -77,10 +77,12 @@ class GPTModule(L.LightningModule):
         n_layer, n_head, n_embd, dropout, bias: the Transformer's shape (see GPTConfig).
         activation, pos_emb, feed_forward, residual, norm: the lecture's stages and GPT-2's GELU (see GPTConfig).
         qk_norm, tie_weights, zero_init_proj, logit_softcap: the modern recipe's model options (see GPTConfig).
-        init_from: start from OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (from the Hugging Face
-            hub, cached) or a Hugging Face GPT-2 folder. The model takes their shape and vocabulary (the run's
-            hparams record it), with block_size up to their context (positions cropped) and any dropout; the data
-            must use the gpt2 tokenizer. A new run loads them as it starts; a resumed one has its own weights.
+        init_from: start from a model's weights: a train.py checkpoint (path/to/last.ckpt; its tokenizer becomes the
+            data's), OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, from the Hugging Face hub, cached) or a
+            Hugging Face GPT-2 folder. The model takes their shape and vocabulary (the run's hparams record it), grown
+            by the rows the chat template's tokens need, with block_size up to their context (positions cropped) and
+            any dropout; the data must use their tokenizer. A new run loads them as it starts (weights only: a new
+            optimizer, step 0); a resumed one has its own weights (training/init_from.py).
         learning_rate, min_lr, warmup_steps: the schedule's peak, floor and warm-up length.
         lr_decay_steps: the step at which the schedule reaches min_lr; default trainer.max_steps.
         lr_schedule: cosine (decays from the warm-up on), or wsd: constant after the warm-up, then a linear decay over
@@ -158,13 +160,7 @@ class GPTModule(L.LightningModule):
             raise UsageError(f"--model.decay_fraction must be in (0, 1], got {decay_fraction}")
         if init_from is not None:
             self.hparams.update(init_from_hparams(init_from, self.hparams))
-        try:
-            self.model = build_model(self.hparams)
-        except ValueError as e:
-            raise UsageError(f"--model: {e}") from None
-        self.decayed = {name: p.dim() >= 2 for name, p in self.model.named_parameters()}  # matrices, not vectors
-        if compile:
-            self.model.compile()  # compiles the module's call, not a wrapper: no "_orig_mod." in its state_dict
+        self.build()
         self.val_loss = MeanMetric()
         if max_skips_in_a_row < 1:
             raise UsageError(f"--model.max_skips_in_a_row must be >= 1, got {max_skips_in_a_row}")
@@ -174,15 +170,24 @@ class GPTModule(L.LightningModule):
             TrainingEvaluation(eval_tasks, eval_limit, eval_task_data, eval_batch_size) if eval_tasks else None
         )
 
+    def build(self) -> None:
+        """The model of the hyperparameters (again in setup, when the data's chat template needs more rows)."""
+        try:
+            self.model = build_model(self.hparams)
+        except ValueError as e:
+            raise UsageError(f"--model: {e}") from None
+        self.decayed = {name: p.dim() >= 2 for name, p in self.model.named_parameters()}  # matrices, not vectors
+        if self.hparams.compile:
+            self.model.compile()  # compiles the module's call, not a wrapper: no "_orig_mod." in its state_dict
+
     def logs_this_step(self) -> bool:
         """Whether the optimizer step under way is one Lightning writes to the logger (the 0-based step s with
         (s + 1) % log_every_n_steps == 0)."""
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        _, loss = self.model(x, y)
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        _, loss = self.model(*batch)  # x, y, and packed conversations' segments (data/conversations.py)
         self.guard.observe_loss(loss.detach())
         if self.logs_this_step():
             self.step_losses.append(loss.detach())
@@ -203,22 +208,28 @@ class GPTModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         init_from = self.hparams.init_from
-        if init_from is not None and datamodule is not None and datamodule.tokenizer.name != "gpt2":
-            raise UsageError(
-                f"--model.init_from {init_from}: GPT-2's weights read GPT-2's tokens, not those of the "
-                f"{datamodule.tokenizer.name} tokenizer: pass --data.tokenizer gpt2"
-            )
-        if self.evaluation is not None and datamodule is not None:
+        if datamodule is None:
+            return
+        if self.evaluation is not None:
             if isinstance(self.trainer.strategy, FSDPStrategy):
                 raise UsageError("--model.eval_tasks does not run on sharded models yet: use --trainer.strategy ddp")
             self.evaluation.prepare(datamodule.tokenizer, self.hparams.block_size)
+        if init_from is None:
+            return
+        check_tokenizer(init_from, datamodule.tokenizer)
+        if datamodule.tokenizer.vocab_size > self.hparams.vocab_size:  # the chat template's tokens: more rows
+            self.hparams.vocab_size = datamodule.vocab_size
+            self.build()
 
     def on_train_start(self) -> None:
-        """A new run from GPT-2's weights loads them here, after Lightning restored any checkpoint (resumed runs have
-        their own weights) and through the strategy, which loads them into sharded models too."""
+        """A new run from another model's weights loads them here, after Lightning restored any checkpoint (resumed
+        runs have their own weights) and through the strategy, which loads them into sharded models too."""
         self.guard.reset(self.device)
-        if self.hparams.init_from is not None and self.trainer.ckpt_path is None:
-            state = gpt_state_from_hf(hf_weights(self.hparams.init_from), self.hparams.block_size)
+        hp = self.hparams
+        if hp.init_from is not None and self.trainer.ckpt_path is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            needed = hp.vocab_size if datamodule is None else datamodule.tokenizer.vocab_size
+            state = init_from_state(hp.init_from, hp.block_size, hp.vocab_size, needed)
             self.trainer.strategy.load_model_state_dict({"state_dict": {f"model.{k}": v for k, v in state.items()}})
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
