@@ -34,7 +34,8 @@ def plain_run(config_path: Path, data_path: str, out_dir: Path) -> None:
     import yaml
     from plain_loop import build, train_step
 
-    from tinygpt_pl.data.datamodule import TextDataModule, ValBatchMaker
+    from tinygpt_pl.data.batches import ValBatchMaker
+    from tinygpt_pl.data.datamodule import TextDataModule
     from tinygpt_pl.training.module import GPTModule
 
     config = yaml.safe_load(config_path.read_text())

@@ -118,7 +118,8 @@ def prepare(corpus: str, cache: str, num_proc: int) -> dict:
 
 def serve(corpus: str, cache: str, batches: int) -> dict:
     """Tokens/s of one DataLoader worker making 16 x 1024 training batches from the memmap."""
-    from tinygpt_pl.data.datamodule import IndexedBatches, TextDataModule, TrainBatchMaker
+    from tinygpt_pl.data.batches import IndexedBatches, TrainBatchMaker
+    from tinygpt_pl.data.datamodule import TextDataModule
 
     dm = TextDataModule(path=corpus, tokenizer="gpt2", cache_dir=cache, block_size=1024, batch_size=16, num_workers=1)
     dm.setup("fit")

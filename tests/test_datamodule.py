@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tinygpt_pl.data import datamodule as data
-from tinygpt_pl.data.datamodule import TextDataModule, TrainBatchMaker, ValBatchMaker, train_batch
+from tinygpt_pl.data.batches import TrainBatchMaker, ValBatchMaker, train_batch
+from tinygpt_pl.data.datamodule import TextDataModule
 from tinygpt_pl.errors import UsageError
 
 TOKENS = np.arange(1000, dtype=np.uint16) % 97

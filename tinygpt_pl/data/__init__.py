@@ -1,2 +1,2 @@
-"""From text to blocks of tokens: tokenizers (tokenizer.py), where the text comes from (sources.py), the token
-cache written once and memory-mapped (cache.py), and the LightningDataModule that serves the blocks (datamodule.py)."""
+"""From text to blocks of tokens: tokenizers, sources, the token cache (cache.py), conversations and their chat
+template (chat.py, conversations.py), blocks served by step (batches.py) and the LightningDataModule (datamodule.py)."""
