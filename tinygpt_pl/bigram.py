@@ -35,8 +35,11 @@ class BigramLanguageModel(nn.Module):
         """No matrix multiplies: a row is looked up. (The softmax's work is not counted for the GPT either.)"""
         return 0
 
-    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Each position's row of the table (B, T, vocab_size); a table needs no cache of the positions before."""
+    def hidden_states(
+        self, idx: torch.Tensor, caches: list[KVCache] | None = None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each position's row of the table (B, T, vocab_size): a table sees one token, so neither a cache of the
+        positions before nor the documents packed into a row (segments) change it."""
         return self.token_embedding_table(idx)
 
     def logits(self, x: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:
