@@ -46,7 +46,6 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", module=r"lightning\.")
 
 
 class RunLogger(TensorBoardLogger):
