@@ -3,8 +3,7 @@
 
 (a) 16 completions of 100 tokens (half greedy, half sampled with a seed), one after another and all at once;
     --repeats of each, alternated, the medians and their ratio; the texts must be identical. Twice: one prompt for
-    all 16 (n samples of a prompt: all at one position, batched in one forward pass per step) and 16 prompts of
-    different lengths (batch.py batches only completions at the same position: these go one forward pass each).
+    all 16 (n samples of a prompt) and 16 prompts of different lengths (each completion at its own position).
 (b) a request for 1,000,000 tokens: the time to its 400 (median of 5).
 (c) a 5-token request while a 4000-token one streams: the time to its answer (median of --repeats).
 

@@ -234,14 +234,16 @@ def test_packed_rows_hold_whole_conversations_and_two_ranks_split_one_global_bat
     assert data.tokenizer.decode(y[y != -1].tolist()).count("<|assistant_end|>") == int((x == user_start).sum())
 
 
-def test_packed_conversations_see_only_themselves(tmp_path):
+@pytest.mark.parametrize("pos_emb", ["learned", "rotary"])
+def test_packed_conversations_see_only_themselves(tmp_path, pos_emb):
     """A conversation packed after others gets the logits it gets alone: no attention across its start, and its
     positions counted from its own start."""
     data = chat_data(tmp_path, [reversal(i) for i in range(30)], block_size=32)
     data.prepare_data()
     data.setup("fit")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0,
+                          pos_emb=pos_emb))  # fmt: skip
     x, y, segments = data.train_tokens.packed([3, 7, 11], 32)
     packed, _ = model(torch.from_numpy(x)[None], segments=torch.from_numpy(segments)[None])
     for k, i in enumerate([3, 7, 11]):

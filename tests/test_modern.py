@@ -61,7 +61,7 @@ def test_rotary_scores_depend_only_on_relative_position():
     q, k = torch.randn(2, 1, 1, 1, 8)  # one query and one key of one head
 
     def score(i: int, j: int) -> torch.Tensor:
-        return (rotary(q, i) * rotary(k, j)).sum()
+        return (rotary(q, torch.tensor([[i]])) * rotary(k, torch.tensor([[j]]))).sum()
 
     torch.testing.assert_close(score(3, 1), score(12, 10))
     torch.testing.assert_close(score(3, 1), score(25, 23))

@@ -299,10 +299,20 @@ def test_concurrent_requests_are_generated_together_with_the_texts_they_get_alon
         assert (choice["text"], choice["finish_reason"]) == (alone.text, alone.finish_reason), i
 
 
+def cpu_seconds(session: int) -> float:
+    """CPU time (user and system) the processes of a session have used so far."""
+    ticks = 0
+    for pid in alive(session):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def test_a_client_that_goes_mid_stream_frees_its_slot_at_once(ckpt):
     """With one slot, a stream of a million tokens holds it until its client disconnects; then a short request is
-    answered at once."""
-    with serving(ckpt, "--max_batch_size", "1", "--max_tokens_limit", "1000000") as (_, url):
+    answered at once. The server, idle again, uses no CPU (LitServe's loop alone would keep a core busy)."""
+    with serving(ckpt, "--max_batch_size", "1", "--max_tokens_limit", "1000000") as (server, url):
         request = urllib.request.Request(url, json.dumps({"prompt": "a", "max_tokens": 1_000_000, "stream": True})
                                          .encode(), {"Content-Type": "application/json"})  # fmt: skip
         response = urllib.request.urlopen(request, timeout=60)
@@ -311,6 +321,10 @@ def test_a_client_that_goes_mid_stream_frees_its_slot_at_once(ckpt):
         start = time.monotonic()
         assert post(url, {"prompt": "a", "max_tokens": 5})[0] == 200
         assert time.monotonic() - start < 30  # generating the million tokens would take minutes
+        time.sleep(0.5)
+        before = cpu_seconds(server.pid)
+        time.sleep(2)
+        assert cpu_seconds(server.pid) - before < 0.2
 
 
 def test_a_request_past_the_time_limit_ends_and_the_worker_goes_on(ckpt):

@@ -36,10 +36,14 @@ class BigramLanguageModel(nn.Module):
         return 0
 
     def hidden_states(
-        self, idx: torch.Tensor, caches: list[KVCache] | None = None, segments: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each position's row of the table (B, T, vocab_size): a table sees one token, so neither a cache of the
-        positions before nor the documents packed into a row (segments) change it."""
+        positions before, nor positions, nor what else a token could see (mask) change it."""
         return self.token_embedding_table(idx)
 
     def logits(self, x: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:

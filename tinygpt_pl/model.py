@@ -114,9 +114,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x (B, n_head, T, head_size) at positions start .. start + T - 1, rotated."""
-        cos, sin = self.cos[start : start + x.size(2)], self.sin[start : start + x.size(2)]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, n_head, T, head_size) rotated for each token's position (positions (B or 1, T); default 0 .. T-1)."""
+        if positions is None:
+            positions = torch.arange(x.size(2), device=x.device)[None]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -146,16 +148,22 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = nn.RMSNorm(config.head_size, elementwise_affine=False) if config.qk_norm else nn.Identity()
         self.rotary = RotaryEmbedding(config.head_size, config.block_size) if config.pos_emb == "rotary" else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask (B, 1, T, T): which positions each may attend to, for packed documents (default: causal)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """mask (B, 1, T, keys): which keys each token may attend to (default: itself and those before it); positions
+        (B or 1, T): where the tokens are, for rotary embeddings (default 0 .. T-1)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = self.qk_norm(q), self.qk_norm(k)
-        start = cache.length if cache is not None else 0
         if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         if cache is not None:
             k, v = cache.update(k, v)
         # softmax(q @ k^T / sqrt(head_size), masked to the past) @ v; fused (flash) kernels where available.
@@ -220,8 +228,14 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask, positions)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -234,8 +248,14 @@ class PlainBlock(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = FeedForward(config) if config.feed_forward else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mlp(self.attn(x, cache, mask))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.mlp(self.attn(x, cache, mask, positions))
 
 
 class GPT(nn.Module):
@@ -294,30 +314,40 @@ class GPT(nn.Module):
         Targets equal to -1 are ignored (padding at the end of the validation split, what the loss mask leaves out).
         segments (B, T): the document of each position, when several are packed into a row (data/conversations.py).
         """
-        logits = self.logits(self.hidden_states(idx, segments=segments))
+        if segments is None:
+            x = self.hidden_states(idx)
+        else:
+            x = self.hidden_states(idx, positions=document_positions(segments), mask=document_mask(segments))
+        logits = self.logits(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def hidden_states(
-        self, idx: torch.Tensor, caches: list[KVCache] | None = None, segments: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last Block's output, normalised (B, T, n_embd). With caches (one per Block), idx holds only the
-        positions after those cached. With segments, each packed document attends only to itself and has the
-        positions it would have alone (rotary positions need no change: they only measure distances)."""
+        positions after those cached. By default the tokens are at the positions after the cached ones and see
+        them and each other causally; positions (B, T) and mask (B, 1, T, keys) say otherwise: documents packed
+        into one row, each seeing only itself at the positions it would have alone; completions at different
+        positions decoded together (generation/batch.py)."""
         B, T = idx.shape
-        start = caches[0].length if caches else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
+        if positions is None:
+            start = caches[0].length if caches else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)[None]
         x = self.transformer.wte(idx)
-        mask = None if segments is None else document_mask(segments)
         if "wpe" in self.transformer:
-            positions = torch.arange(start, start + T, device=idx.device)
-            x = x + self.transformer.wpe(positions if segments is None else document_positions(segments))
+            x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None, mask)
+            x = block(x, caches[i] if caches else None, mask, positions)
         return self.transformer.ln_f(x)
 
     def logits(self, x: torch.Tensor, head_t: torch.Tensor | None = None) -> torch.Tensor:

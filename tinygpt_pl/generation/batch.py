@@ -1,10 +1,15 @@
-"""Continuous batching for serve.py: the completions under way advance together, one token each per decode step, and
-those at the same position in one forward pass. A request joins between steps (its prompt computed alone) and leaves
-as soon as it ends, runs past its time limit or its client goes, so a long completion never holds up a short one.
+"""Continuous batching for serve.py: the completions under way advance together, one token each per decode step, in
+one forward pass, each at its own position. A request joins between steps (its prompt computed alone) and leaves as
+soon as it ends, runs past its time limit or its client goes, so a long completion never holds up a short one.
+
+Each completion has a slot: a row of the batch's key/value cache (SharedCache), which its prompt fills and the
+decode steps extend. A step feeds every completion's last token at its own position, each attending only to its
+own row's keys up to that position (RaggedCache, and the mask).
 
 Each completion keeps its own sampling settings, random generator and stop strings: it draws the same tokens, in the
 same order, as generate.Completion alone (which still turns them into text, here fed token by token)."""
 
+import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -12,7 +17,7 @@ from threading import Lock
 
 import torch
 
-from tinygpt_pl.generation.generate import Completion, KVCache, Model, NextTokenLogits, transposed_head
+from tinygpt_pl.generation.generate import Completion, KVCache, Model, NextTokenLogits, Sampling, transposed_head
 
 
 @dataclass(frozen=True)
@@ -32,10 +37,11 @@ class Running:
 
     completion: Completion
     stream: bool
+    slot: int
     deadline: float
     logits: NextTokenLogits
     idx: torch.Tensor = field(init=False)  # the prompt and the tokens so far
-    next_token: torch.Tensor | None = field(default=None, init=False)
+    next_token: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         device = next(self.completion.model.parameters()).device
@@ -46,15 +52,53 @@ class Running:
         return self.logits.caches is not None and self.logits.cached == self.idx.size(1) - 1 < self.logits.block_size
 
 
-class StackedCache:
-    """One layer's caches of several completions at the same position, as one batch (the KVCache protocol)."""
+class SharedCache:
+    """One layer's keys and values of every slot (slots, n_head, size, head_size), allocated at the first update
+    (zeros: a row's unwritten positions, masked out, must not be NaN)."""
 
-    def __init__(self, caches: list[KVCache]) -> None:
-        self.caches, self.length = caches, caches[0].length
+    def __init__(self, slots: int, size: int) -> None:
+        self.slots, self.size = slots, size
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def slot(self, slot: int) -> "SlotCache":
+        return SlotCache(self, slot)
+
+    def allocate(self, like: torch.Tensor) -> None:
+        if self.k is None:
+            shape = (self.slots, like.size(1), self.size, like.size(3))
+            self.k, self.v = like.new_zeros(shape), like.new_zeros(shape)
+
+
+class SlotCache(KVCache):
+    """A completion's own cache (what NextTokenLogits runs alone: its prompt, a moved window), in its slot's row."""
+
+    def __init__(self, shared: SharedCache, slot: int) -> None:
+        super().__init__(shared.size)
+        self.shared, self.slot = shared, slot
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [cache.update(k[i : i + 1], v[i : i + 1]) for i, cache in enumerate(self.caches)]
-        return torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])
+        if self.k is None:
+            self.shared.allocate(k)
+            self.k, self.v = self.shared.k[self.slot : self.slot + 1], self.shared.v[self.slot : self.slot + 1]
+        return super().update(k, v)
+
+
+class RaggedCache:
+    """One layer's caches of several completions, each one new token at its own position, as one batch (the KVCache
+    protocol): the new keys and values go into each slot's row at its position; all rows come back up to the
+    furthest, the model's mask keeping each token to its own row's positions."""
+
+    def __init__(self, shared: SharedCache, slots: list[int], positions: torch.Tensor, end: int) -> None:
+        self.shared, self.positions, self.end = shared, positions, end
+        self.slots = torch.tensor(slots, device=positions.device)
+        # consecutive slots (the usual case: each request takes the lowest free one) are read as a view, not copied
+        self.rows = slice(slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[-1] + 1)) else self.slots
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.shared.k[self.slots, :, self.positions] = k[:, :, 0]
+        self.shared.v[self.slots, :, self.positions] = v[:, :, 0]
+        return self.shared.k[self.rows, :, : self.end], self.shared.v[self.rows, :, : self.end]
 
 
 class Batch:
@@ -65,6 +109,8 @@ class Batch:
         self.head_t = transposed_head(model)
         self.waiting: deque[tuple[str, object]] = deque()
         self.running: dict[str, Running] = {}
+        self.free_slots = list(range(max_size))
+        self.caches = [SharedCache(max_size, model.config.block_size) for _ in range(model.config.n_layer)]
         self.lock = Lock()
 
     def add(self, uid: str, work: tuple[Completion, bool] | Cancel | Exception) -> None:
@@ -86,11 +132,11 @@ class Batch:
         self._next_tokens()
         for uid, run in list(self.running.items()):
             completion = run.completion
-            token = int(run.next_token)
+            token = run.next_token
             if token == completion.end_id:
                 out += self._end(uid)
                 continue
-            run.idx = torch.cat((run.idx, run.next_token.view(1, 1)), dim=1)
+            run.idx = torch.cat((run.idx, run.idx.new_tensor([[token]])), dim=1)
             pieces = list(completion.feed(token))
             if run.stream and pieces:
                 out.append((uid, {"text": "".join(pieces)}, False))
@@ -99,53 +145,74 @@ class Batch:
         return out
 
     def _admit(self) -> list[tuple[str, dict | Exception | None, bool]]:
+        """Cancels and refusals first, wherever they wait (they need no slot, and a Cancel frees one), then requests
+        while there are free slots."""
         out = []
         with self.lock:
-            while self.waiting and (len(self.running) < self.max_size or isinstance(self.waiting[0][1], Cancel)):
-                uid, work = self.waiting.popleft()
-                if isinstance(work, Cancel):  # both the cancelled request and the Cancel end here
-                    if self.running.pop(work.uid, None) or any(w[0] == work.uid for w in self.waiting):
-                        self.waiting = deque(w for w in self.waiting if w[0] != work.uid)
-                        out.append((work.uid, None, True))
-                    out.append((uid, None, True))
-                elif isinstance(work, Exception):
+            for uid, work in [w for w in self.waiting if not isinstance(w[1], tuple)]:
+                self.waiting.remove((uid, work))
+                if isinstance(work, Exception):
                     out.append((uid, work, True))
-                else:
-                    completion, stream = work
-                    deadline = time.monotonic() + self.timeout if self.timeout else float("inf")
-                    logits = NextTokenLogits(self.model, self.kv_cache, self.head_t)
-                    self.running[uid] = Running(completion, stream, deadline, logits)
-                    if completion.max_new_tokens == 0:
-                        out += self._end(uid)
+                    continue
+                if cancelled := self.running.pop(work.uid, None):  # both the cancelled request and the Cancel end
+                    heapq.heappush(self.free_slots, cancelled.slot)
+                if cancelled or any(w[0] == work.uid for w in self.waiting):
+                    self.waiting = deque(w for w in self.waiting if w[0] != work.uid)
+                    out.append((work.uid, None, True))
+                out.append((uid, None, True))
+            while self.waiting and self.free_slots:
+                uid, (completion, stream) = self.waiting.popleft()
+                deadline = time.monotonic() + self.timeout if self.timeout else float("inf")
+                slot = heapq.heappop(self.free_slots)
+                caches = [cache.slot(slot) for cache in self.caches]
+                logits = NextTokenLogits(self.model, self.kv_cache, self.head_t, caches)
+                self.running[uid] = Running(completion, stream, slot, deadline, logits)
+                if completion.max_new_tokens == 0:
+                    out += self._end(uid)
         return out
 
     def _next_tokens(self) -> None:
-        """Each running completion's next token: the logits of those at one position in one batch, the others (a
-        prompt, a moved window) alone; each sampled with its own settings and generator."""
-        groups: dict[int, list[Running]] = {}
-        for run in self.running.values():
-            key = run.logits.cached if run.batchable() else -1 - len(groups)  # alone: a group of its own
-            groups.setdefault(key, []).append(run)
-        for group in groups.values():
-            if len(group) == 1:
-                logits = group[0].logits(group[0].idx)
-            else:
-                caches = [
-                    StackedCache([run.logits.caches[i] for run in group]) for i in range(len(group[0].logits.caches))
-                ]
-                x = self.model.hidden_states(torch.cat([run.idx[:, -1:] for run in group]), caches)
-                logits = self.model.logits(x[:, -1], self.head_t)
-                for run in group:
-                    run.logits.cached += 1
-            for row, run in zip(logits, group, strict=True):
-                completion = run.completion
-                limit = completion.tokenizer.vocab_size
-                run.next_token = completion.sampling.choose(row[None, :limit], completion.generator)[0, 0]
+        """Each running completion's next token: the logits of those one token past their cached positions in one
+        forward pass, the others (a prompt, a moved window) alone; sampled together where the settings are the same,
+        each with its own generator."""
+        together = sorted((run for run in self.running.values() if run.batchable()), key=lambda run: run.slot)
+        if len(together) < 2:
+            together = []
+        alone = [run for run in self.running.values() if all(run is not other for other in together)]
+        chosen = {id(run): run.logits(run.idx) for run in alone}
+        if together:
+            device = together[0].idx.device
+            positions = torch.tensor([run.logits.cached for run in together], device=device)
+            slots = [run.slot for run in together]
+            end = int(positions.max()) + 1
+            mask = (torch.arange(end, device=device) <= positions[:, None])[:, None, None]  # (B, 1, 1, end)
+            caches = [RaggedCache(cache, slots, positions, end) for cache in self.caches]
+            x = self.model.hidden_states(torch.cat([run.idx[:, -1:] for run in together]), caches,
+                                         positions[:, None], mask)  # fmt: skip
+            for run, row in zip(together, self.model.logits(x[:, -1], self.head_t), strict=True):
+                chosen[id(run)] = row[None]
+                run.logits.cached += 1
+                for cache in run.logits.caches:
+                    cache.length += 1
+        runs = list(self.running.values())
+        if not runs:
+            return
+        logits = torch.cat([chosen[id(run)] for run in runs])[:, : runs[0].completion.tokenizer.vocab_size]
+        alike: dict[Sampling, list[int]] = {}
+        for i, run in enumerate(runs):
+            alike.setdefault(run.completion.sampling, []).append(i)
+        tokens = torch.empty(len(runs), dtype=torch.long)
+        for sampling, rows in alike.items():
+            generators = [runs[i].completion.generator for i in rows]
+            tokens[rows] = sampling.choose(logits[rows], generators)[:, 0].cpu()
+        for run, token in zip(runs, tokens.tolist(), strict=True):
+            run.next_token = token
 
     def _end(self, uid: str, timed_out: bool = False) -> list[tuple[str, dict | Exception | None, bool]]:
         """The completion's last message: the rest of a stream, or the whole text; a plain one past the time limit
         gets an error."""
         run = self.running.pop(uid)
+        heapq.heappush(self.free_slots, run.slot)
         completion = run.completion
         rest = "".join(completion.finish()) if completion.finish_reason is None else ""  # (else a stop string ended it)
         if timed_out:

@@ -12,6 +12,7 @@ at its cost.
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.nn import functional as F
@@ -53,12 +54,28 @@ class KVCache:
 class NextTokenLogits:
     """The model's logits (B, vocab_size) for the token after idx, called with idx grown by one token each time."""
 
-    def __init__(self, model: Model, kv_cache: bool = True, head_t: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        kv_cache: bool = True,
+        head_t: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> None:
+        """caches: those to fill, one per layer (default new ones)."""
         self.model = model
         self.block_size = model.config.block_size
-        self.caches = [KVCache(self.block_size) for _ in range(model.config.n_layer)] if kv_cache else None
+        if kv_cache:
+            self.caches = caches or [KVCache(self.block_size) for _ in range(model.config.n_layer)]
+        else:
+            self.caches = None
         self.cached = 0  # positions of the context that the caches hold
-        self.head_t = transposed_head(model) if head_t is None else head_t
+        if head_t is not None:
+            self.head_t = head_t
+
+    @cached_property
+    def head_t(self) -> torch.Tensor | None:
+        """Made at the first call, in the thread that generates (serve.py: generation/server.py)."""
+        return transposed_head(self.model)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         context = idx[:, -self.block_size :]
@@ -98,8 +115,11 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1] (1: all tokens), got {self.top_p}")
 
-    def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The next token (B, 1) for logits (B, vocab)."""
+    def choose(
+        self, logits: torch.Tensor, generator: torch.Generator | list[torch.Generator | None] | None = None
+    ) -> torch.Tensor:
+        """The next token (B, 1) for logits (B, vocab). generator: the random source, or one per row (completions
+        decoded together, generation/batch.py: each draws what it would draw alone)."""
         if self.temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits / self.temperature
@@ -115,7 +135,11 @@ class Sampling:
         # inverse transform sampling: the first token whose cumulative probability exceeds u ~ U(0, total), 25x faster
         # than torch.multinomial over GPT-2's 50k tokens on a CPU (0.07 against 1.8 ms)
         cdf = probs.double().cumsum(dim=-1)
-        u = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
+        if isinstance(generator, list):
+            u = torch.cat([torch.rand(1, 1, dtype=cdf.dtype, device=cdf.device, generator=g) for g in generator])
+        else:
+            u = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device, generator=generator)
+        u = u * cdf[:, -1:]
         return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
 
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import litserve as ls
@@ -214,21 +215,48 @@ class CompletionsSpec(LitSpec):
         yield "data: [DONE]\n\n"
 
 
+class WaitingLoop(ContinuousBatchingLoop):
+    """LitServe's continuous batching loop, waiting for work instead of spinning: LitServe (0.2.19) calls run() again
+    at once while no request is active, which kept a core at 100% on an idle server, and slowed generation on a small
+    machine. Requests arrive through add_request, in the event loop's thread: it wakes run()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work = asyncio.Event()
+
+    def add_request(self, uid: str, request: Any, lit_api: ls.LitAPI, *args: Any) -> None:
+        super().add_request(uid, request, lit_api, *args)
+        self.work.set()
+
+    async def run(self, lit_api: ls.LitAPI, *args: Any) -> None:
+        if not lit_api.has_active_requests():
+            self.work.clear()
+            await self.work.wait()
+        await super().run(lit_api, *args)
+
+
 class CompletionAPI(ls.LitAPI):
     """The inference worker: the model, and the completions under way, generated together (generation/batch.py)."""
 
     def __init__(
         self, ckpt_path: str, kv_cache: bool, max_tokens_limit: int, max_batch_size: int, request_timeout: float | None
     ) -> None:
-        super().__init__(spec=CompletionsSpec(ckpt_path, max_tokens_limit), loop=ContinuousBatchingLoop())
+        super().__init__(spec=CompletionsSpec(ckpt_path, max_tokens_limit), loop=WaitingLoop())
         self.ckpt_path, self.kv_cache = ckpt_path, kv_cache
         self.max_size, self.time_limit = max_batch_size, request_timeout  # (LitServe uses request_timeout)
 
     def setup(self, device: str) -> None:
+        # Every torch operation of the worker runs in this one thread. LitServe calls step() from a pool of threads;
+        # once two threads have run OpenMP's parallel regions, libgomp (torch's CPU threads) stops spin-waiting when
+        # there are fewer cores than its threads, and each small operation takes 4x longer (150 against 35 us).
+        self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
+        self.torch_thread.submit(self.load, device).result()
+        self.requests: dict[str, CompletionRequest | ChatCompletionRequest] = {}  # those under way, for their options
+
+    def load(self, device: str) -> None:
         self.model, self.tokenizer = load_model(self.ckpt_path, device)
         self.torch_device = device
         self.batch = Batch(self.model, self.max_size, self.time_limit, self.kv_cache)
-        self.requests: dict[str, CompletionRequest | ChatCompletionRequest] = {}  # those under way, for their options
 
     def decode_request(self, request: CompletionRequest | ChatCompletionRequest) -> Completion:
         """The completion of the request's one prompt (the endpoint sends each prompt on its own), or a chat's reply
@@ -266,6 +294,9 @@ class CompletionAPI(ls.LitAPI):
     def step(self, prev_outputs: list[Output] | None) -> list[Output]:
         """Decode steps (a token for every completion under way) until one gives output: a message per text piece of
         a stream, each completion's last message (a plain one's whole text) as it ends, a refused request's error."""
+        return self.torch_thread.submit(self.steps).result()
+
+    def steps(self) -> list[Output]:
         outputs = []
         while not outputs and self.batch.active():  # (LitServe's loop pauses 10 ms after a step with no output)
             outputs = self.outputs(self.batch.step())
