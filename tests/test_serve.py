@@ -1,6 +1,7 @@
 """serve.py as a user runs it: a real server process on a free port, asked over HTTP with OpenAI's completions API;
 and sample.py's --stream. The model is the debug run's checkpoint (char tokenizer)."""
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -24,6 +25,7 @@ from conftest import ROOT, run_script
 from test_bad_input import assert_one_error_line
 
 from tinygpt_pl.generation.generate import Completion, Sampling
+from tinygpt_pl.generation.server import cancel_if_left
 from tinygpt_pl.load import load_model
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: a second thread only costs on a loaded machine
@@ -337,3 +339,22 @@ def test_a_request_past_the_time_limit_ends_and_the_worker_goes_on(ckpt):
         chunks = [json.loads(e.removeprefix("data: ")) for e in body.split("\n\n")[:-2]]
         assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) > 2
         assert post(url, {"prompt": "a", "max_tokens": 5})[0] == 200
+
+
+def test_a_stream_left_before_its_end_cancels_its_completion():
+    """What both endpoints' streams (completions and chat) do when their client goes: the server closes the stream's
+    iterator early, and the completion is cancelled; a stream read to its end cancels nothing."""
+
+    async def events():
+        for i in range(3):
+            yield f"data: {i}\n\n"
+
+    async def read(n: int | None) -> list[str]:
+        cancelled = []
+        stream = cancel_if_left(events(), lambda: cancelled.append(True))
+        got = [event async for event in stream] if n is None else [await anext(stream) for _ in range(n)]
+        await stream.aclose()
+        return got, cancelled
+
+    assert asyncio.run(read(None)) == (["data: 0\n\n", "data: 1\n\n", "data: 2\n\n"], [])
+    assert asyncio.run(read(1)) == (["data: 0\n\n"], [True])

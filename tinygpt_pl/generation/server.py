@@ -80,6 +80,19 @@ def choice(text: str, finish_reason: str | None, index: int = 0, logprobs: dict 
     return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
+async def cancel_if_left(events: AsyncIterator[str], cancel: Callable[[], None]) -> AsyncIterator[str]:
+    """A stream's events; a client that goes before the last one (the server closes the stream) cancels the
+    completion, so that its slot is freed at once."""
+    sent = False
+    try:
+        async for event in events:
+            yield event
+        sent = True
+    finally:
+        if not sent:
+            cancel()
+
+
 class CompletionsSpec(LitSpec):
     """OpenAI's POST /v1/completions on LitServe. The inference worker streams each completion to the API server as
     JSON messages (text pieces, then finish_reason and usage); the endpoint sends them on as server-sent events, or
@@ -121,7 +134,7 @@ class CompletionsSpec(LitSpec):
         header = {"id": f"cmpl-{uid.hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.model_name}  # fmt: skip
         if request.stream:
-            events = self.events(header, first, messages, lambda: self.cancel(uid))
+            events = cancel_if_left(self.events(header, first, messages), lambda: self.cancel(uid))
             return StreamingResponse(events, media_type="text/event-stream")
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for index, (_, messages) in enumerate(submitted):
@@ -158,26 +171,17 @@ class CompletionsSpec(LitSpec):
         self.request_queue.put((self.response_queue_id, uuid.uuid4(), time.monotonic(), Cancel(uid)))
 
     @staticmethod
-    async def events(
-        header: dict, first: dict, messages: AsyncIterator[dict], cancel: Callable[[], None]
-    ) -> AsyncIterator[str]:
-        """OpenAI's stream: a chunk per text piece, finish_reason in the last one, then [DONE]. A client that goes
-        before the end cancels the completion."""
+    async def events(header: dict, first: dict, messages: AsyncIterator[dict]) -> AsyncIterator[str]:
+        """OpenAI's stream: a chunk per text piece, finish_reason in the last one, then [DONE]."""
 
         def chunk(message: dict) -> str:
             data = {**header, "choices": [choice(message["text"], message.get("finish_reason"))]}
             return f"data: {json.dumps(data)}\n\n"
 
-        ended = False
-        try:
-            yield chunk(first)
-            async for message in messages:
-                ended = message.get("finish_reason") is not None
-                yield chunk(message)
-            yield "data: [DONE]\n\n"
-        finally:
-            if not ended:
-                cancel()
+        yield chunk(first)
+        async for message in messages:
+            yield chunk(message)
+        yield "data: [DONE]\n\n"
 
     async def chat_completions(self, request: ChatCompletionRequest) -> Any:
         """OpenAI's chat completion: the assistant's message, or a stream of chunks with its pieces as deltas."""
@@ -187,7 +191,8 @@ class CompletionsSpec(LitSpec):
         first = await anext(messages)
         header = {"id": f"chatcmpl-{uid.hex}", "created": int(time.time()), "model": self.model_name}
         if request.stream:
-            return StreamingResponse(self.chat_events(header, first, messages), media_type="text/event-stream")
+            events = cancel_if_left(self.chat_events(header, first, messages), lambda: self.cancel(uid))
+            return StreamingResponse(events, media_type="text/event-stream")
         text, last = first["text"], first
         async for message in messages:
             text, last = text + message["text"], message
