@@ -23,7 +23,7 @@ from cpu_recipe import DEFAULT_CONFIG, run_timed
 from results import RESULTS, record, stamp
 
 from tinygpt_pl.data.datamodule import TextDataModule
-from tinygpt_pl.training.checkpoint import read_checkpoint
+from tinygpt_pl.load import read_checkpoint
 from tinygpt_pl.training.module import GPTModule
 
 TOKENIZERS = {

@@ -106,7 +106,7 @@ def in_training(ckpt: Path, data_path: str, text: str, n: int, repeats: int, wor
     import yaml
 
     from tinygpt_pl.data.datamodule import TextDataModule
-    from tinygpt_pl.training.checkpoint import read_checkpoint
+    from tinygpt_pl.load import read_checkpoint
     from tinygpt_pl.training.module import GPTModule
 
     work.mkdir()

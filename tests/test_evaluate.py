@@ -4,6 +4,8 @@ the command's table and JSON, and each bad input in one line."""
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,12 @@ def test_bad_input_gets_one_line(debug_run, task_files, tmp_path, capsys, text) 
     assert "give TASK=PATH" in error_line(capsys, [*ckpt, "--tasks", "piqa", "--task_data", str(bad)])
     assert "no such file or folder" in error_line(capsys, [*ckpt, "--tasks", "piqa", "--task_data", "piqa=nope.jsonl"])
     assert "--limit must be >= 1" in error_line(capsys, [*ckpt, "--tasks", "piqa", "--limit", "0"])
+
+
+def test_the_commands_that_load_a_model_start_without_lightning() -> None:
+    """evaluate, sample.py and serve.py load models through load.py, which needs neither Lightning nor the training
+    code: importing Lightning alone takes seconds, a third of a small evaluation's time."""
+    code = ("import sys, tinygpt_pl.evaluate, tinygpt_pl.load, tinygpt_pl.generation.server; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

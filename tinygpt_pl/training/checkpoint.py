@@ -12,6 +12,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tinygpt_pl.errors import RunStopped, UsageError
+from tinygpt_pl.load import read_checkpoint
 
 TEMPORARY_GLOB = ".*.ckpt.*.tmp"  # AtomicCheckpointIO's files being written
 
@@ -122,14 +123,3 @@ def newest_intact_checkpoint(folder: Path, skip: Path | None = None) -> tuple[Pa
         return None
     step, path = max(intact)  # at equal steps, last.ckpt
     return path, step
-
-
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """The checkpoint file's contents, loaded with weights_only=True: tensors and plain containers only, so a
-    checkpoint cannot run code. mmap: leave the tensors on disk until they are read."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise UsageError(
-            f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}): pass a .ckpt written by train.py"
-        ) from None

@@ -26,7 +26,8 @@ from lightning.pytorch.strategies import Strategy, StrategyRegistry
 
 from tinygpt_pl.data.datamodule import DEFAULT_SEED, TextDataModule
 from tinygpt_pl.errors import RunStopped, UsageError, exit_on_bad_input
-from tinygpt_pl.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, newest_intact_checkpoint, read_checkpoint
+from tinygpt_pl.load import read_checkpoint
+from tinygpt_pl.training.checkpoint import AtomicCheckpointIO, RunCheckpoint, newest_intact_checkpoint
 from tinygpt_pl.training.console import FirstScreen, RunLogger, StepProgressBar, quiet_lightning, say
 from tinygpt_pl.training.fsdp import fsdp_strategy
 from tinygpt_pl.training.init_from import is_checkpoint

@@ -19,8 +19,8 @@ from tinygpt_pl.data.tokenizer import Tokenizer, tokenizer_from_state
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.hf.convert import gpt_config_from_hf, gpt_state_from_hf, hf_config, hf_weights
 from tinygpt_pl.hf.tokenizer import tokenizer_from_hf_config
+from tinygpt_pl.load import read_checkpoint
 from tinygpt_pl.model import GPTConfig
-from tinygpt_pl.training.checkpoint import read_checkpoint
 
 DATA_STATE = "TextDataModule"  # a checkpoint's key of the data's state (its tokenizer)
 

@@ -1,10 +1,9 @@
 """The LightningModule: the GPT with its optimizer, learning-rate schedule and validation loss."""
 
 import math
-from collections.abc import Mapping
 from dataclasses import fields
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
@@ -12,11 +11,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
-from tinygpt_pl.bigram import BigramConfig, BigramLanguageModel
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.evaluation.training import TrainingEvaluation
 from tinygpt_pl.generation.generate import Sampling, generate
-from tinygpt_pl.model import GPT, GPTConfig
+from tinygpt_pl.load import build_model
+from tinygpt_pl.model import GPTConfig
 from tinygpt_pl.training.init_from import check_tokenizer, init_from_hparams, init_from_state
 from tinygpt_pl.training.optim import Muon, MuonWithAdamW, check_optimizer_strategy, renumber_optimizer_state
 from tinygpt_pl.training.safety.nonfinite import NonFiniteGuard
@@ -45,24 +44,6 @@ def wsd_lr(
     decay_start = max(warmup_steps, decay_steps * (1 - decay_fraction))
     progress = max(0.0, step - decay_start) / (decay_steps - decay_start)
     return learning_rate + progress * (min_lr - learning_rate)
-
-
-def build_model(hparams: Mapping[str, Any]) -> GPT | BigramLanguageModel:
-    """The model that GPTModule's hyperparameters describe (below), for training and for load.load_checkpoint.
-
-    init "pytorch" gives each layer PyTorch's own initialisation (N(0, 1) embeddings, Linear weights and biases
-    uniform in +-1/sqrt(fan_in)), as the lecture's stages 1-5 had it: their val losses depend on it. (The GPT's
-    N(0, 0.02) came with the lecture's final model; from it, stage 1 ends its 5000 steps at 2.54 instead of 2.40.)
-    """
-    if hparams.get("arch") == "bigram":
-        return BigramLanguageModel(BigramConfig(hparams["vocab_size"], hparams["block_size"]))
-    # options newer than a checkpoint keep their defaults, which built the model it holds
-    model = GPT(GPTConfig(**{f.name: hparams[f.name] for f in fields(GPTConfig) if f.name in hparams}))
-    if hparams.get("init") == "pytorch":
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    return model
 
 
 class GPTModule(L.LightningModule):
