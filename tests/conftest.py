@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"  # a copy beside the project, if any
@@ -56,6 +57,15 @@ def no_process_left_running():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread; on a loaded machine its synchronisation costs seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_script(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

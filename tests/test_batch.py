@@ -9,13 +9,7 @@ from tinygpt_pl.generation.batch import Batch, Cancel
 from tinygpt_pl.generation.generate import Completion, Sampling
 from tinygpt_pl.model import GPT, GPTConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(pos_emb: str) -> GPT:
