@@ -206,6 +206,7 @@ class GPTModule(L.LightningModule):
         """A new run from another model's weights loads them here, after Lightning restored any checkpoint (resumed
         runs have their own weights) and through the strategy, which loads them into sharded models too."""
         self.guard.reset(self.device)
+        self.trained = [p for p in self.parameters() if p.requires_grad]  # (walking the modules each step costs 1%)
         hp = self.hparams
         if hp.init_from is not None and self.trainer.ckpt_path is None:
             datamodule = getattr(self.trainer, "datamodule", None)
@@ -216,7 +217,7 @@ class GPTModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The gradient norm of the whole model (before clipping), for the divergence guard and for clipping at every
         step, logged on the steps that log."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trained if p.grad is not None]
         self.grad_norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
             self.grad_norm = self.trainer.strategy.reduce(self.grad_norm.square(), reduce_op="sum").sqrt()
@@ -238,7 +239,7 @@ class GPTModule(L.LightningModule):
         """Clip by the norm computed for this step (over all shards under FSDP, where Lightning's clipping by norm
         refuses to run) instead of computing it again."""
         if gradient_clip_val and gradient_clip_algorithm != "value":
-            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, self.grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(self.trained, gradient_clip_val, self.grad_norm)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
