@@ -40,16 +40,18 @@ class Running:
     slot: int
     deadline: float
     logits: NextTokenLogits
-    idx: torch.Tensor = field(init=False)  # the prompt and the tokens so far
+    ids: list[int] = field(init=False)  # the prompt and the tokens so far
     next_token: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        device = next(self.completion.model.parameters()).device
-        self.idx = torch.tensor([self.completion.prompt_ids], dtype=torch.long, device=device)
+        self.ids = list(self.completion.prompt_ids)
+
+    def idx(self) -> torch.Tensor:
+        return torch.tensor([self.ids], device=next(self.completion.model.parameters()).device)
 
     def batchable(self) -> bool:
         """One new token after the cached ones, within the window: a decode step that others can share."""
-        return self.logits.caches is not None and self.logits.cached == self.idx.size(1) - 1 < self.logits.block_size
+        return self.logits.caches is not None and self.logits.cached == len(self.ids) - 1 < self.logits.block_size
 
 
 class SharedCache:
@@ -136,7 +138,7 @@ class Batch:
             if token == completion.end_id:
                 out += self._end(uid)
                 continue
-            run.idx = torch.cat((run.idx, run.idx.new_tensor([[token]])), dim=1)
+            run.ids.append(token)
             pieces = list(completion.feed(token))
             if run.stream and pieces:
                 out.append((uid, {"text": "".join(pieces)}, False))
@@ -178,26 +180,26 @@ class Batch:
         together = sorted((run for run in self.running.values() if run.batchable()), key=lambda run: run.slot)
         if len(together) < 2:
             together = []
-        alone = [run for run in self.running.values() if all(run is not other for other in together)]
-        chosen = {id(run): run.logits(run.idx) for run in alone}
+        runs, logits = [], []
         if together:
-            device = together[0].idx.device
+            device = next(self.model.parameters()).device
             positions = torch.tensor([run.logits.cached for run in together], device=device)
-            slots = [run.slot for run in together]
             end = int(positions.max()) + 1
             mask = (torch.arange(end, device=device) <= positions[:, None])[:, None, None]  # (B, 1, 1, end)
-            caches = [RaggedCache(cache, slots, positions, end) for cache in self.caches]
-            x = self.model.hidden_states(torch.cat([run.idx[:, -1:] for run in together]), caches,
-                                         positions[:, None], mask)  # fmt: skip
-            for run, row in zip(together, self.model.logits(x[:, -1], self.head_t), strict=True):
-                chosen[id(run)] = row[None]
+            caches = [RaggedCache(cache, [run.slot for run in together], positions, end) for cache in self.caches]
+            idx = torch.tensor([run.ids[-1:] for run in together], device=device)
+            x = self.model.hidden_states(idx, caches, positions[:, None], mask)
+            runs, logits = together, [self.model.logits(x[:, -1], self.head_t)]
+            for run in together:
                 run.logits.cached += 1
                 for cache in run.logits.caches:
                     cache.length += 1
-        runs = list(self.running.values())
+        for run in self.running.values():
+            if all(run is not other for other in together):
+                runs, logits = [*runs, run], [*logits, run.logits(run.idx())]
         if not runs:
             return
-        logits = torch.cat([chosen[id(run)] for run in runs])[:, : runs[0].completion.tokenizer.vocab_size]
+        logits = (logits[0] if len(logits) == 1 else torch.cat(logits))[:, : runs[0].completion.tokenizer.vocab_size]
         alike: dict[Sampling, list[int]] = {}
         for i, run in enumerate(runs):
             alike.setdefault(run.completion.sampling, []).append(i)
