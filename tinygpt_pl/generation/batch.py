@@ -63,9 +63,6 @@ class SharedCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def slot(self, slot: int) -> "SlotCache":
-        return SlotCache(self, slot)
-
     def allocate(self, like: torch.Tensor) -> None:
         if self.k is None:
             shape = (self.slots, like.size(1), self.size, like.size(3))
@@ -166,7 +163,7 @@ class Batch:
                 uid, (completion, stream) = self.waiting.popleft()
                 deadline = time.monotonic() + self.timeout if self.timeout else float("inf")
                 slot = heapq.heappop(self.free_slots)
-                caches = [cache.slot(slot) for cache in self.caches]
+                caches = [SlotCache(cache, slot) for cache in self.caches]
                 logits = NextTokenLogits(self.model, self.kv_cache, self.head_t, caches)
                 self.running[uid] = Running(completion, stream, slot, deadline, logits)
                 if completion.max_new_tokens == 0:
@@ -180,7 +177,8 @@ class Batch:
         together = sorted((run for run in self.running.values() if run.batchable()), key=lambda run: run.slot)
         if len(together) < 2:
             together = []
-        runs, logits = [], []
+        alone = [run for run in self.running.values() if not (together and run.batchable())]
+        runs, logits = together + alone, []
         if together:
             device = next(self.model.parameters()).device
             positions = torch.tensor([run.logits.cached for run in together], device=device)
@@ -189,14 +187,12 @@ class Batch:
             caches = [RaggedCache(cache, [run.slot for run in together], positions, end) for cache in self.caches]
             idx = torch.tensor([run.ids[-1:] for run in together], device=device)
             x = self.model.hidden_states(idx, caches, positions[:, None], mask)
-            runs, logits = together, [self.model.logits(x[:, -1], self.head_t)]
+            logits.append(self.model.logits(x[:, -1], self.head_t))
             for run in together:
                 run.logits.cached += 1
                 for cache in run.logits.caches:
                     cache.length += 1
-        for run in self.running.values():
-            if all(run is not other for other in together):
-                runs, logits = [*runs, run], [*logits, run.logits(run.idx())]
+        logits += [run.logits(run.idx()) for run in alone]
         if not runs:
             return
         logits = (logits[0] if len(logits) == 1 else torch.cat(logits))[:, : runs[0].completion.tokenizer.vocab_size]
