@@ -243,15 +243,20 @@ def test_max_tokens_beyond_the_limit_is_refused_with_openais_error(url):
     assert error["message"].startswith("max_tokens is 1000000, more than this server allows (4096, ")
 
 
-def alive(session: int) -> list[int]:
-    """The processes of a session that have not ended (zombies, which have, aside)."""
-    found = []
+def session_stats(session: int) -> dict[int, list[str]]:
+    """The /proc/PID/stat fields after the command name (state, ppid, pgrp, session, ...) of each process of a session
+    that has not ended (zombies, which have, aside)."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, session
-                found.append(int(stat.parent.name))
+            if int(fields[3]) == session and fields[0] != "Z":
+                found[int(stat.parent.name)] = fields
     return found
+
+
+def alive(session: int) -> list[int]:
+    return list(session_stats(session))
 
 
 @pytest.mark.parametrize(
@@ -303,11 +308,7 @@ def test_concurrent_requests_are_generated_together_with_the_texts_they_get_alon
 
 def cpu_seconds(session: int) -> float:
     """CPU time (user and system) the processes of a session have used so far."""
-    ticks = 0
-    for pid in alive(session):
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    ticks = sum(int(fields[11]) + int(fields[12]) for fields in session_stats(session).values())  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
