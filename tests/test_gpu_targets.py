@@ -10,7 +10,9 @@ from conftest import run_script
 @pytest.mark.slow  # the doctor, two training runs and the generation benchmark, each a process: about a minute
 def test_the_dry_run_starts_every_step_and_writes_one_table(tmp_path: Path, corpus: Path) -> None:
     results = tmp_path / "results.md"
-    done = run_script("benchmarks/gpu_targets.py", "--data-path", str(corpus), "--dry-run", "--results", str(results))
+    logs = tmp_path / "logs"
+    done = run_script("benchmarks/gpu_targets.py", "--data-path", str(corpus), "--dry-run", "--results", str(results),
+                      "--logs", str(logs))  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = dict(
         line.split(" | ")[:2]
@@ -22,5 +24,27 @@ def test_the_dry_run_starts_every_step_and_writes_one_table(tmp_path: Path, corp
     assert "tokens/s" in rows["training step (GPT-2 124M, compiled, bf16, on a GPU)"], rows
     for config in ("configs/lecture/06_scaled_up.yaml", "configs/shakespeare_char.yaml"):
         assert rows[config].startswith("val loss ") and "(finished: 4 steps)" in rows[config], rows
+    for run in ("pretraining", "chat fine-tuning"):
+        row = next(v for k, v in rows.items() if k.startswith(f"{run}, GPT-2 124M shape"))
+        assert "tokens/s, MFU unknown (no peak FLOP/s for this device) (median of 3 windows)" in row, rows
+    assert "x the tokens/s" in rows["chat fine-tuning against pretraining"], rows
     assert "failed" not in rows["KV cache (benchmarks/generation.py --gpu)"], rows
     assert not rows["HellaSwag, GPT-2 124M"].startswith("failed"), rows  # "not run: ..." where its data is missing
+    assert {path.name for path in logs.iterdir()} == {
+        "doctor.log",
+        "06_scaled_up.log",
+        "shakespeare_char.log",
+        "pretraining.log",
+        "chat_fine-tuning.log",
+        "generation.log",
+    }
+    assert "verdict: OK on CPU" in (logs / "doctor.log").read_text()  # each step's whole output, kept
+
+
+def test_steps_past_the_budget_say_so_and_the_table_is_still_written(tmp_path: Path, corpus: Path) -> None:
+    results = tmp_path / "results.md"
+    done = run_script("benchmarks/gpu_targets.py", "--data-path", str(corpus), "--dry-run", "--results", str(results),
+                      "--budget", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = [line for line in results.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(table) == 6 and all("not run: the --budget of 1 s was spent" in line for line in table), table

@@ -16,6 +16,7 @@ from tinygpt_pl.errors import UsageError
 from tinygpt_pl.load import load_checkpoint
 from tinygpt_pl.training.cli import Machine, accumulation, check_precision, check_strategy, count_devices
 from tinygpt_pl.training.module import GPTModule
+from tinygpt_pl.training.throughput import peak_flops
 
 # train/loss at every step, a validation every 2 steps (at indices 1, 3, 5, 7), one schedule for 8 steps
 EVERY_STEP = ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2", "--model.lr_decay_steps", "8",
@@ -169,6 +170,18 @@ def test_throughput_and_grad_norm_in_tensorboard(debug_run: Path) -> None:
     for step, value in tokens.items():
         assert value > 0 and flops[step] / value == pytest.approx(model.flops_per_token(), rel=1e-5)
     assert "throughput/device/mfu" not in events(debug_run).Tags()["scalars"]  # no FLOP/s peak known for CPUs
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "expected"),
+    [("NVIDIA H200", "bf16-mixed", 989.4e12), ("NVIDIA H200 NVL", "bf16-true", 989.4e12),
+     ("NVIDIA H200", "32-true", 66.9e12), ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4e12)],  # fp32: "highest"
+)  # fmt: skip
+def test_mfu_is_against_the_dense_peak_also_on_an_h200(monkeypatch, name, precision, expected) -> None:
+    """CUDA names the H200 "NVIDIA H200", which Lightning's table misses (MFU would not be logged at all); its rows
+    hold the with-sparsity figures. Seen on the first lent H200: the doctor's MFU rests on this."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0), precision) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

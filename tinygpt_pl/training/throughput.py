@@ -9,6 +9,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
+# Lightning's table knows the H200 only by names CUDA does not give it ("NVIDIA H200" is the SXM part), with the
+# datasheet's with-sparsity figures; its dense rates are the H100 SXM's
+H200_DENSE = {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12,
+              torch.float64: 33.5e12}  # fmt: skip
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -18,7 +22,14 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 def peak_flops(device: torch.device, precision: str) -> int | None:
     """The device's dense peak FLOP/s for that precision, from Lightning's table; None where unknown (CPUs)."""
-    return get_available_flops(device, compute_dtype(precision)) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    dtype = compute_dtype(precision)
+    if "h200" not in torch.cuda.get_device_name(device).lower():
+        return get_available_flops(device, dtype)
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return int(H200_DENSE["tfloat32"])  # as Lightning reads fp32 matmuls
+    return int(H200_DENSE[dtype])
 
 
 class ThroughputMonitor(Callback):
