@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,9 @@ from pathlib import Path
 
 import torch
 from results import REPO, RESULTS, record, stamp
+
+sys.path.append(str(REPO / "tests"))  # serve.py started as the tests start it
+import served  # noqa: E402
 
 from tinygpt_pl.generation.generate import Completion, Sampling, stream_ids
 from tinygpt_pl.load import load_model
@@ -105,21 +107,9 @@ def post(url: str, body: dict) -> dict:
 
 def server_vs_in_process(folder: Path, tokens: int, repeats: int) -> dict[str, float]:
     """Seconds (medians) for a greedy completion of `tokens` tokens from serve.py and in this process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "serve.py", "--ckpt_path", str(folder), "--port", str(port)],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # fmt: skip
+    server, port = served.start(folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                assert server.poll() is None, "serve.py ended"
-                time.sleep(0.5)
+        served.wait_until_ready(server, port)
         url = f"http://127.0.0.1:{port}/v1/completions"
         prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
         request = {"prompt": prompt, "max_tokens": tokens, "temperature": 0}

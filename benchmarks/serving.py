@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from generation import gpt2_folder, timed
 from results import REPO, record, stamp
+
+sys.path.append(str(REPO / "tests"))  # serve.py started as the tests start it
+import served  # noqa: E402
+from generation import gpt2_folder, timed  # noqa: E402
 
 PROMPTS = ["First Citizen:", "ROMEO:", "JULIET:\nO Romeo,", "KING HENRY:", "The quality of mercy", "To be, or not",
            "Now is the winter", "Friends, Romans,", "All the world's", "If music be", "Once more unto", "O, beware",
@@ -46,19 +48,9 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "serve.py", "--ckpt_path", str(folder), "--port", str(port)], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                if response.read() == b"ok":
-                    return server, f"http://127.0.0.1:{port}/v1/completions"
-        except OSError:
-            assert server.poll() is None, "serve.py ended"
-            time.sleep(0.5)
+    server, port = served.start(folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    served.wait_until_ready(server, port)
+    return server, f"http://127.0.0.1:{port}/v1/completions"
 
 
 def texts(url: str, bodies: list[dict], together: bool) -> list[str]:

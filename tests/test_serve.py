@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import served
 import torch
 from conftest import ROOT, run_script
 from test_bad_input import assert_one_error_line
@@ -40,24 +40,11 @@ def ckpt(debug_run: Path) -> Path:
 def serving(ckpt: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """A serve.py process on a free port, in a session of its own, and its completions URL once it is ready; killed
     (with its workers) at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt_path", str(ckpt), "--port", str(port),
-                               *args], cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)  # fmt: skip
+    server, port = served.start(ckpt, *args, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
     try:
         assert f"http://127.0.0.1:{port}/v1/completions" in server.stdout.readline()  # says where, at once
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-            time.sleep(0.2)
+        served.wait_until_ready(server, port)
         yield server, f"http://127.0.0.1:{port}/v1/completions"
     finally:
         with contextlib.suppress(ProcessLookupError):
