@@ -52,8 +52,14 @@ def plain_loglikelihood(model: GPT, context: list[int], continuation: list[int])
     return logprobs.gather(1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
 
 
-def test_scores_are_those_of_a_forward_pass_per_continuation(model_and_tokenizer) -> None:
+@pytest.mark.parametrize("pos_emb", ["learned", "rotary"])
+def test_scores_are_those_of_a_forward_pass_per_continuation(model_and_tokenizer, pos_emb) -> None:
+    """Each continuation packed after its context in one row, at the positions it has alone, scores as lm-eval's
+    forward pass of context + continuation does; with rotary positions too."""
     model, tokenizer = model_and_tokenizer
+    if pos_emb == "rotary":
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**vars(model.config), "pos_emb": "rotary"})).eval()
     examples = [Example("To be", [" or", " not to be", "!"], ["or", "not to be", "!"], 0),
                 Example("Once more unto the breach, dear friends", [" once", " more"], ["once", "more"], 1),
                 Example("A horse,", [" a horse! my kin", " m"], ["", ""], 0),
@@ -70,6 +76,19 @@ def test_scores_are_those_of_a_forward_pass_per_continuation(model_and_tokenizer
                 assert got.tokens == len(cont)
     # the context's trailing spaces belong to the continuation, as in lm-eval
     assert encode_pair(tokenizer, "winter  ", "of") == (tokenizer.encode("winter"), tokenizer.encode("  of"))
+
+
+def test_each_context_is_fed_once_for_all_its_continuations(model_and_tokenizer, monkeypatch) -> None:
+    model, tokenizer = model_and_tokenizer
+    examples = [Example("To be", [" or", " not to be", "!"], ["or", "not to be", "!"], 0),
+                Example("Now", [" is", " was"], ["", ""], 1)]  # fmt: skip
+    encoded = encode(examples, tokenizer, model.config.block_size)
+    fed = []
+    hidden_states = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda idx, **kw: fed.append(idx.shape) or hidden_states(idx, **kw))
+    score(model, encoded, len(examples), tokenizer.vocab_size, batch_size=64)
+    row = len("To be") + len(" or") - 1 + len(" not to be") - 1 + len("!") - 1  # the last token of each: never fed
+    assert fed == [torch.Size([2, row])]  # one pass, a row per context; the shorter row padded
 
 
 def test_bpe_continuation_is_what_follows_the_contexts_own_tokens() -> None:

@@ -1,14 +1,13 @@
 """Log-likelihoods of continuations, as lm-evaluation-harness's `loglikelihood` computes them, but with each context
-run once: its keys and values (generation/generate.py's KVCache) are copied to every continuation's row, and the
-continuations of several examples share a batch.
+run once: a request's context and all its continuations share one row of the batch, each continuation at the
+positions it would have after the context alone and seeing only the context and itself (a mask, as packed documents
+see only themselves), so the context's keys and values serve every continuation, and the continuations of several
+examples share a batch.
 
 Tokens: lm-eval's split (HFLM._encode_pair): trailing spaces of the context move to the continuation, the whole text is
 encoded and the continuation is what follows the context's own tokens. A pair longer than the model's context
 (block_size + 1 tokens, the last never fed) loses tokens from the left, as lm-eval crops it; such continuations then
 run with their own, cropped, context, and are counted.
-
-A batch holds examples of similar context lengths (sorted, as lm-eval sorts its requests): the first p tokens of the
-contexts (p the shortest context in the batch) run once per example, the rest of each context with each continuation.
 """
 
 from collections.abc import Iterator, Sequence
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from tinygpt_pl.data.tokenizer import Tokenizer
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.evaluation.tasks import Example
-from tinygpt_pl.generation.generate import KVCache, Model
+from tinygpt_pl.generation.generate import Model
 
 
 @dataclass(frozen=True)
@@ -108,10 +107,15 @@ def encode(
     return encoded
 
 
+def row_length(request: Request) -> int:
+    """The tokens a request feeds: its context, and each continuation but its last token (which nothing follows)."""
+    return len(request.context) + sum(len(c) - 1 for c in request.continuations)
+
+
 def batches(requests: list[Request], batch_size: int) -> Iterator[list[Request]]:
-    """Requests longest context first, packed until a batch holds batch_size continuations (at least one request)."""
+    """Requests longest row first, packed until a batch holds batch_size continuations (at least one request)."""
     batch, rows = [], 0
-    for request in sorted(requests, key=lambda r: -len(r.context)):
+    for request in sorted(requests, key=lambda r: -row_length(r)):
         if batch and rows + len(request.continuations) > batch_size:
             yield batch
             batch, rows = [], 0
@@ -123,38 +127,45 @@ def batches(requests: list[Request], batch_size: int) -> Iterator[list[Request]]
 
 @torch.no_grad()
 def score_batch(model: Model, batch: list[Request], vocab_size: int) -> list[list[Score]]:
-    """Each request's continuations' Scores: the shared context prefix runs once per request, then every continuation
-    (with the rest of its context) continues from a copy of that request's caches, all in one batch."""
+    """Each request's continuations' Scores, one forward pass for the batch: a request's row is its context and then
+    each continuation (but its last token); continuation i's tokens are at positions len(context) onwards and see the
+    context and themselves, causally."""
     device = next(model.parameters()).device
-    prefix = min(len(r.context) for r in batch)
-    owner = [i for i, r in enumerate(batch) for _ in r.continuations]
-    tails = [r.context[prefix:] + c for r in batch for c in r.continuations]  # tokens after the prefix, to score
-    scored = [len(c) for r in batch for c in r.continuations]
-    caches = [KVCache(prefix + max(map(len, tails)) - 1) for _ in range(model.config.n_layer)]
-    idx = torch.tensor([r.context[:prefix] for r in batch], device=device)
-    first = model.hidden_states(idx, caches)[:, -1:]  # predicts each tail's first token
-    hidden = first[owner]
-    width = max(map(len, tails)) - 1
-    if width > 0:
-        rows = torch.tensor(owner, device=device)
-        for cache in caches:
-            cache.select(rows)
-        fed = torch.tensor([t[:-1] + [0] * (width - len(t) + 1) for t in tails], device=device)  # padded at the end
-        hidden = torch.cat((hidden, model.hidden_states(fed, caches)), dim=1)
-    # the positions that predict each continuation's tokens: the last `scored` of its tail
-    row = torch.tensor([r for r, n in enumerate(scored) for _ in range(n)], device=device)
-    position = torch.tensor(
-        [len(t) - n + j for t, n in zip(tails, scored, strict=True) for j in range(n)], device=device
-    )
-    target = torch.tensor(
-        [token for t, n in zip(tails, scored, strict=True) for token in t[len(t) - n :]], device=device
-    )
-    logprobs = F.log_softmax(model.logits(hidden[row, position]).float()[:, :vocab_size], dim=-1)
-    token_ll = logprobs.gather(1, target[:, None])[:, 0]
-    hit = (logprobs.argmax(dim=-1) == target).float()
-    totals = torch.zeros(len(tails), 2, dtype=torch.float64, device=device)
-    totals.index_add_(0, row, torch.stack((token_ll.double(), hit.double()), dim=1))
-    scores = iter(Score(ll, hits == n, n) for (ll, hits), n in zip(totals.tolist(), scored, strict=True))
+    width = max(map(row_length, batch))
+    fed, positions, parts = [], [], []  # parts: the row's context (0), continuation i (i + 1), padding (-1)
+    row, predictor, target = [], [], []  # per scored token: its row, the position whose output predicts it, the token
+    for b, request in enumerate(batch):
+        context = request.context
+        ids, where, part = list(context), list(range(len(context))), [0] * len(context)
+        for i, continuation in enumerate(request.continuations, start=1):
+            start = len(ids)
+            predictor += [len(context) - 1, *range(start, start + len(continuation) - 1)]
+            ids += continuation[:-1]
+            where += range(len(context), len(context) + len(continuation) - 1)
+            part += [i] * (len(continuation) - 1)
+            row += [b] * len(continuation)
+            target += continuation
+        pad = width - len(ids)
+        fed.append(ids + [0] * pad)
+        positions.append(where + [0] * pad)
+        parts.append(part + [-1] * pad)
+    parts_t = torch.tensor(parts, device=device)
+    index = torch.arange(width, device=device)
+    sees = (index[None, :, None] >= index[None, None, :]) & (
+        (parts_t[:, None, :] == 0) | (parts_t[:, None, :] == parts_t[:, :, None])
+    )  # (B, T, keys): the keys before it of the context and of its own part
+    hidden = model.hidden_states(torch.tensor(fed, device=device), positions=torch.tensor(positions, device=device),
+                                 mask=sees[:, None])  # fmt: skip
+    row_t, predictor_t = torch.tensor(row, device=device), torch.tensor(predictor, device=device)
+    target_t = torch.tensor(target, device=device)
+    logprobs = F.log_softmax(model.logits(hidden[row_t, predictor_t]).float()[:, :vocab_size], dim=-1)
+    token_ll = logprobs.gather(1, target_t[:, None])[:, 0]
+    hit = (logprobs.argmax(dim=-1) == target_t).float()
+    lengths = [len(c) for r in batch for c in r.continuations]
+    which = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    totals = torch.zeros(len(lengths), 2, dtype=torch.float64, device=device)
+    totals.index_add_(0, which, torch.stack((token_ll.double(), hit.double()), dim=1))
+    scores = iter(Score(ll, hits == n, n) for (ll, hits), n in zip(totals.tolist(), lengths, strict=True))
     return [[next(scores) for _ in r.continuations] for r in batch]
 
 

@@ -46,10 +46,6 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep the sequences at rows (B',), each as often as listed: several continuations of one context."""
-        self.k, self.v = self.k[rows], self.v[rows]
-
 
 class NextTokenLogits:
     """The model's logits (B, vocab_size) for the token after idx, called with idx grown by one token each time."""
