@@ -216,8 +216,9 @@ def benchmark(args: argparse.Namespace) -> None:
         "### During training (target: evaluation <= 1.3x a validation pass over as many tokens)",
         "",
         f"trainer.validate of the checkpoint's GPTModule with `eval_tasks [hellaswag]`, `eval_limit "
-        f"{args.eval_examples}` (eval_batch_size 32): {cost['requests']} requests, {cost['tokens']:,} tokens fed to "
-        f"the model (each context once, every continuation); the validation pass before it over {cost['batches']} "
+        f"{args.eval_examples}` (eval_batch_size 32): {cost['requests']} requests, {cost['tokens']:,} tokens of text "
+        "(each context once, every continuation: what one pass of the model over them costs); the validation pass "
+        f"before it over {cost['batches']} "
         f"batches of {cost['per_batch']} tokens; timed by a callback, {args.repeats} runs.",
         "",
         "| run | validation pass (s) | evaluation (s) | ratio |",
