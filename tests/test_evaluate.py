@@ -63,9 +63,11 @@ def test_scores_are_those_of_a_forward_pass_per_continuation(model_and_tokenizer
     examples = [Example("To be", [" or", " not to be", "!"], ["or", "not to be", "!"], 0),
                 Example("Once more unto the breach, dear friends", [" once", " more"], ["once", "more"], 1),
                 Example("A horse,", [" a horse! my kin", " m"], ["", ""], 0),
-                Example("Now is the winter  ", ["of", "our discontent"], ["", ""], 0)]  # fmt: skip
+                Example("Now is the winter  ", ["of", "our discontent"], ["", ""], 0),
+                Example("Now is", [" the wint", " of our d", " made glo"], ["", "", ""], 2)]  # fmt: skip
     encoded = encode(examples, tokenizer, model.config.block_size)
     assert encoded.cropped == {1, 2, 3}  # longer than 16 + 1 tokens with one of their continuations
+    assert len(encoded.requests[-1].continuations) == 3  # one row of 30 tokens, past the 16 positions: each at its own
     for batch_size in (1, 3, 64):
         scores = score(model, encoded, len(examples), tokenizer.vocab_size, batch_size)
         for example, example_scores in zip(examples, scores, strict=True):
