@@ -132,7 +132,7 @@ def score_batch(model: Model, batch: list[Request], vocab_size: int) -> list[lis
     context and themselves, causally."""
     device = next(model.parameters()).device
     width = max(map(row_length, batch))
-    fed, positions, parts = [], [], []  # parts: the row's context (0), continuation i (i + 1), padding (-1)
+    fed, positions, parts = [], [], []  # parts: 0 for the context, k for the k-th continuation (from 1), -1 padding
     row, predictor, target = [], [], []  # per scored token: its row, the position whose output predicts it, the token
     for b, request in enumerate(batch):
         context = request.context
