@@ -154,11 +154,12 @@ def fine_tuning(runner: Runner, data: Path, folder: Path, dry_run: bool) -> list
             chats]}  # fmt: skip
     rows, speeds = [], {}
     for name, (config, path) in runs.items():
-        root = folder / name.replace(" ", "_")
+        slug = name.replace(" ", "_")
+        root = folder / slug
         command = [sys.executable, "train.py", "--config", config, "--data.path", str(path),
                    "--trainer.default_root_dir", str(root), *same]  # fmt: skip
         what = f"{name}, GPT-2 124M shape, compiled, bf16 ({config})"
-        failed, _ = runner.run(name.replace(" ", "_"), command, 300)
+        failed, _ = runner.run(slug, command, 300)
         if failed:
             rows.append((what, failed))
             continue

@@ -269,10 +269,10 @@ class CompletionAPI(ls.LitAPI):
         self.max_size, self.time_limit = max_batch_size, request_timeout  # (LitServe uses request_timeout)
 
     def setup(self, device: str) -> None:
+        keep_freed_memory()
         # Every torch operation of the worker runs in this one thread. LitServe calls step() from a pool of threads;
         # once two threads have run OpenMP's parallel regions, libgomp (torch's CPU threads) stops spin-waiting when
         # there are fewer cores than its threads, and each small operation takes 4x longer (150 against 35 us).
-        keep_freed_memory()
         self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
         self.torch_thread.submit(self.load, device).result()
         self.requests: dict[str, CompletionRequest | ChatCompletionRequest] = {}  # those under way, for their options
