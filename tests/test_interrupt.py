@@ -9,11 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import ROOT, STARTED, train
+from lightning.pytorch.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_scale import DDP, assert_close, scalars
+
+from tinygpt_pl.training.safety.interrupt import GracefulStop
+from tinygpt_pl.training.safety.signals import SIGNALS, install, stop_while_starting
 
 STEPS = 60
 # train/loss at every step, validation (and last.ckpt) every 10 steps, one schedule for 60 steps, 16 sequences a step
@@ -170,6 +175,33 @@ def test_a_signal_while_starting_stops_at_once_and_leaves_nothing(tmp_path, smal
         "stopped by SIGTERM before the first training step (nothing new to save): run the same command again"
     )
     assert "Traceback" not in stderr and not root.exists()
+
+
+class FailsAtItsThirdStep(BoringModel):
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict:
+        if batch_idx == 2:
+            raise RuntimeError("a collective failed")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_signal_after_training_failed_is_not_taken_for_one_before_it_started(tmp_path) -> None:
+    """When fit ends by an error, Lightning puts back the handlers it found as fit started. They must be GracefulStop's,
+    which records a signal, and not train.py's stop_while_starting, which ends the process at once, saying the run
+    stopped before its first step: torchrun's SIGTERM, sent once a peer died, did that and cut the peer's report."""
+    found = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    stop = GracefulStop()
+    install(stop_while_starting)  # as train.py does
+    try:
+        trainer = L.Trainer(max_steps=5, callbacks=[stop], default_root_dir=tmp_path, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        with pytest.raises(RuntimeError, match="a collective failed"):
+            trainer.fit(FailsAtItsThirdStep())
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+    finally:
+        for signum, handler in found.items():
+            signal.signal(signum, handler)
 
 
 def test_slurm_requeues_the_job_on_sigusr1_and_the_requeued_job_resumes_by_itself(

@@ -131,7 +131,9 @@ def test_torchrun_restarts_resume_from_last_ckpt_to_the_uninterrupted_runs_weigh
     output = finish(proc, timeout=600)
     assert proc.returncode == 0, output
     assert "torchrun started the workers again: resuming from" in output, output
-    (line,) = [line for line in output.splitlines() if line.startswith("error:")]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    (line,) = errors
     assert "rank 1 of 2 died without a word" in line and line.endswith("torchrun starts the workers again, which "
                                                                        "resume from last.ckpt"), line  # fmt: skip
     assert saved_step(root) == STEPS

@@ -21,6 +21,7 @@ from tinygpt_pl.training.safety.signals import (
     install,
     is_global_rank_zero,
     requeue_slurm_job,
+    stop_while_starting,
 )
 
 
@@ -36,12 +37,14 @@ class GracefulStop(Callback):
         self.validating = False  # in a validation that ends with an agreement
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.trainer is None:
+            stop_while_starting(signum, frame)
         if signum == signal.SIGHUP:
             detach_from_terminal()
         if self.signum is not None:
             return
         self.signum = signum
-        if is_global_rank_zero() and self.trainer is not None:
+        if is_global_rank_zero():
             done = self.trainer.global_step
             where = f"the validation after step {done}" if self.validating else f"step {done + 1}"
             os.write(2, f"\nreceived {signal.Signals(signum).name} during {where}: stopping at its end\n".encode())
@@ -51,6 +54,9 @@ class GracefulStop(Callback):
         self.fault = self.fault or message
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before Lightning saves the handlers it finds, to put them back when fit ends, also by an error: a signal
+        # after that (torchrun's SIGTERM once a peer died) must not pass for one that came before the first step
+        install(self._handle)
         if trainer.world_size > 1 and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo")  # agree on the CPU: no wait for the GPU at every step
 
@@ -72,9 +78,6 @@ class GracefulStop(Callback):
         if self.validating:
             self._agree(trainer)
             self.validating = False
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        install(self._handle)  # Lightning's teardown put back the handlers it found: signals now change nothing
 
     def _agree(self, trainer: L.Trainer) -> None:
         code = 128 + self.signum if self.signum else int(self.fault is not None)
