@@ -65,10 +65,18 @@ def assert_resumes(run: Path, one: Path, corpus: Path, *args: str, ckpt: str = "
     saved_at = torch.load(path, weights_only=False)["global_step"]
     resumed = train(run, corpus, *EVERY_STEP, *args, "--trainer.max_steps", "8", "--ckpt_path", ckpt)
     assert resumed.returncode == 0, resumed.stderr
+    assert_no_lightning_warnings(resumed.stderr)
     for tag in ("train/loss", "val/loss"):
         assert_close(scalars(run, tag, version), {s: v for s, v in scalars(one, tag).items() if s >= saved_at})
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # last.ckpt itself went on
+
+
+def assert_no_lightning_warnings(stderr: str) -> None:
+    """Lightning warns of what it cannot know about this project's runs (a val/loss that torchmetrics already summed
+    across ranks, a resumed run's own checkpoints in its folder, a loader that resumes by the step): none of that
+    reaches the user."""
+    assert not [line for line in stderr.splitlines() if "site-packages" in line or "Warning" in line], stderr
 
 
 def test_ddp_on_two_processes_equals_one_process_and_resumes_in_one(
@@ -77,6 +85,7 @@ def test_ddp_on_two_processes_equals_one_process_and_resumes_in_one(
     two = train(tmp_path, small_corpus, *EVERY_STEP, *DDP, "--trainer.max_steps", "6")
     assert two.returncode == 0, two.stderr
     assert "global batch: 16 sequences = 2 devices x 8 x 1 accumulated" in two.stderr
+    assert_no_lightning_warnings(two.stderr)
     assert_same_run(tmp_path, one_process, steps=6)
     assert_resumes(tmp_path, one_process, small_corpus)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tinygpt_pl.data.conversations import Conversations
 
@@ -56,6 +56,18 @@ class IndexedBatches(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.make_batch(self.indices[i])
+
+
+class StepLoader(DataLoader):
+    """A DataLoader over IndexedBatches. The train loader starts at the run's optimizer step, which the checkpoint
+    holds, so it has no state of its own to save: its empty state_dict tells Lightning so, which otherwise warns
+    against every resume in mid-epoch (a run is one epoch)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
 
 
 class EveryItemInOrder(DistributedSampler):

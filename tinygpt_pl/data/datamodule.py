@@ -16,9 +16,15 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from tinygpt_pl.data.batches import EveryItemInOrder, IndexedBatches, TrainBatchMaker, ValBatchMaker, train_batch
+from tinygpt_pl.data.batches import (
+    EveryItemInOrder,
+    IndexedBatches,
+    StepLoader,
+    TrainBatchMaker,
+    ValBatchMaker,
+    train_batch,
+)
 from tinygpt_pl.data.cache import (
     cached_sentencepiece,
     check_token_file,
@@ -336,8 +342,8 @@ class TextDataModule(L.LightningDataModule):
         n_bytes = sum(int(lengths[targets[i : i + piece]].sum()) for i in range(0, len(targets), piece))
         return len(targets) / n_bytes
 
-    def _loader(self, dataset: IndexedBatches) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: IndexedBatches) -> StepLoader:
+        return StepLoader(
             dataset,
             batch_size=None,
             sampler=EveryItemInOrder(dataset),
@@ -347,7 +353,7 @@ class TextDataModule(L.LightningDataModule):
             worker_init_fn=ignore_signals,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StepLoader:
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches
         maker = TrainBatchMaker(self.train_tokens, self.block_size, self.batch_size, self.seed, accumulate,
@@ -362,7 +368,7 @@ class TextDataModule(L.LightningDataModule):
             return packed_chat_train_batch if self.packing else chat_train_batch
         return train_batch
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StepLoader:
         trainer = self.trainer
         make = ChatValBatchMaker if self.format == "chat" else ValBatchMaker
         maker = make(self.val_tokens, self.block_size, self.batch_size, trainer.world_size, trainer.global_rank)

@@ -2,6 +2,7 @@
 checkpoint file without unpickling code (tinygpt_pl.load builds a model from one)."""
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,12 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        last = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        name = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+        with warnings.catch_warnings():
+            if self.dirpath and os.path.isfile(os.path.join(self.dirpath, name)):  # resumed: the folder is its own
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        last = os.path.join(self.dirpath, name)
         if self.save_last and os.path.isfile(last):
             self.last_model_path = last  # this run's, resumed: overwrite it
         if trainer.is_global_zero:  # the run folder is locked (safety/runlock.py): these are a killed process's

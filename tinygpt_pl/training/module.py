@@ -255,13 +255,15 @@ class GPTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         val_loss = self.val_loss.compute()  # summed across DDP ranks by torchmetrics
         self.val_loss.reset()
-        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
-        self.log("val/ppl", torch.exp(val_loss), rank_zero_only=True)
+        # synced already: with rank_zero_only, sync_dist=True runs no collective and tells Lightning not to warn
+        log = partial(self.log, rank_zero_only=True, sync_dist=True)
+        log("val/loss", val_loss, prog_bar=True)
+        log("val/ppl", torch.exp(val_loss))
         # bits per UTF-8 byte of the val text: the split's summed loss in bits over its bytes, which, unlike the loss
         # per token, compares models with different tokenizers
         tokens_per_byte = getattr(getattr(self.trainer, "datamodule", None), "val_tokens_per_byte", None)
         if tokens_per_byte is not None:
-            self.log("val/bpb", val_loss * tokens_per_byte / math.log(2), rank_zero_only=True)
+            log("val/bpb", val_loss * tokens_per_byte / math.log(2))
         if not self.trainer.sanity_checking:
             self.log_sample()
             if self.evaluation is not None:
