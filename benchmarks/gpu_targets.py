@@ -39,14 +39,19 @@ class Runner:
     """Runs each step's command within what is left of the budget, keeping its output in logs (if given)."""
 
     def __init__(self, budget: float, logs: Path | None) -> None:
-        self.deadline, self.logs = time.monotonic() + budget, logs
+        self.budget, self.deadline, self.logs = budget, time.monotonic() + budget, logs
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def spent(self) -> str:
+        return f"not run: the --budget of {self.budget:.0f} s was spent"
+
     def run(self, name: str, command: list[str], seconds: float) -> tuple[str | None, str]:
         """(None, output) if the command succeeded within seconds (and the budget), else (why not, output)."""
         seconds = min(seconds, self.left())
+        if seconds <= 0:  # a step's earlier command used up the rest
+            return self.spent(), ""
         print(f"$ {shlex.join(command)}", flush=True)
         try:
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=seconds)
@@ -241,7 +246,7 @@ def main() -> None:
         ]  # fmt: skip
         for name, step in steps:
             if runner.left() < 20:
-                new = [(name, f"not run: the --budget of {args.budget:.0f} s was spent")]
+                new = [(name, runner.spent())]
             else:
                 try:
                     new = step()

@@ -48,3 +48,16 @@ def test_steps_past_the_budget_say_so_and_the_table_is_still_written(tmp_path: P
     assert done.returncode == 0, done.stderr
     table = [line for line in results.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(table) == 6 and all("not run: the --budget of 1 s was spent" in line for line in table), table
+
+
+def test_a_command_after_the_budget_ran_out_within_a_step_is_not_started(tmp_path: Path) -> None:
+    """A step of several commands (chat fine-tuning: two runs) whose first one used up the budget: the second one is
+    reported as not run, instead of being started with a time-out below zero."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from gpu_targets import Runner
+
+    runner = Runner(budget=0, logs=tmp_path)
+    assert runner.run("second", [sys.executable, "-c", "open('started', 'w')"], 60) == (runner.spent(), "")
+    assert not (Path(__file__).parents[1] / "started").exists() and not list(tmp_path.iterdir())

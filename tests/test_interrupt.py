@@ -192,8 +192,8 @@ def test_a_signal_after_training_failed_is_not_taken_for_one_before_it_started(t
     stop = GracefulStop()
     install(stop_while_starting)  # as train.py does
     try:
-        trainer = L.Trainer(max_steps=5, callbacks=[stop], default_root_dir=tmp_path, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        off = dict.fromkeys(("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"), False)
+        trainer = L.Trainer(max_steps=5, callbacks=[stop], default_root_dir=tmp_path, **off)
         with pytest.raises(RuntimeError, match="a collective failed"):
             trainer.fit(FailsAtItsThirdStep())
         assert signal.getsignal(signal.SIGTERM) == stop._handle
