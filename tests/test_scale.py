@@ -57,10 +57,10 @@ def assert_same_run(run: Path, one: Path, steps: int) -> None:
     assert_close(val, {s: v for s, v in scalars(one, "val/loss").items() if s < steps})
 
 
-def assert_resumes(run: Path, one: Path, corpus: Path, *args: str, ckpt: str = "last", version: int = 1) -> None:
+def assert_resumes(run: Path, one: Path, corpus: Path, *args: str, ckpt: str = "last", version: int = 1) -> str:
     """The run's checkpoint (last.ckpt, or the file ckpt) resumed in one process (accumulating 2 micro-batches) to
     step 8 trains, validates, logs and saves the remaining steps as the uninterrupted one-process run did, under the
-    same step indices."""
+    same step indices. Returns what the resumed run printed."""
     path = run / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
     saved_at = torch.load(path, weights_only=False)["global_step"]
     resumed = train(run, corpus, *EVERY_STEP, *args, "--trainer.max_steps", "8", "--ckpt_path", ckpt)
@@ -70,6 +70,7 @@ def assert_resumes(run: Path, one: Path, corpus: Path, *args: str, ckpt: str = "
         assert_close(scalars(run, tag, version), {s: v for s, v in scalars(one, tag).items() if s >= saved_at})
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # last.ckpt itself went on
+    return resumed.stderr
 
 
 def assert_no_lightning_warnings(stderr: str) -> None:
@@ -87,7 +88,7 @@ def test_ddp_on_two_processes_equals_one_process_and_resumes_in_one(
     assert "global batch: 16 sequences = 2 devices x 8 x 1 accumulated" in two.stderr
     assert_no_lightning_warnings(two.stderr)
     assert_same_run(tmp_path, one_process, steps=6)
-    assert_resumes(tmp_path, one_process, small_corpus)
+    assert "--checkpoint settings differ" not in assert_resumes(tmp_path, one_process, small_corpus)
 
 
 @pytest.mark.slow  # test_interrupt resumes step-end saves, with accumulation, every step compared
@@ -102,8 +103,9 @@ def test_resumes_from_checkpoints_written_at_a_step_end_and_at_the_run_end(
     (step_end,) = (tmp_path / "checkpoints").glob("best-step6-*.ckpt")
     step_end = shutil.copy(step_end, step_end.with_name("step6.ckpt"))  # the resumed run keeps only its best one
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
-    assert_resumes(tmp_path, one_process, small_corpus, version=1)
-    assert_resumes(tmp_path, one_process, small_corpus, ckpt=str(step_end), version=2)
+    changed = "note: the --checkpoint settings differ from the checkpoint's: last.ckpt goes on, and the best"
+    assert changed in assert_resumes(tmp_path, one_process, small_corpus, version=1)
+    assert changed in assert_resumes(tmp_path, one_process, small_corpus, ckpt=str(step_end), version=2)
 
 
 def test_fsdp_on_two_processes_equals_one_process_and_resumes_anywhere(

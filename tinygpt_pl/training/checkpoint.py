@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tinygpt_pl.errors import RunStopped, UsageError
 from tinygpt_pl.load import read_checkpoint
+from tinygpt_pl.training.console import say
 
 TEMPORARY_GLOB = ".*.ckpt.*.tmp"  # AtomicCheckpointIO's files being written
 
@@ -46,6 +47,14 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Lightning restores this callback's state only if its settings are the checkpoint's; otherwise it says why
+        in one line (instead of Lightning's advice to add the old callback back, console.quiet_lightning)."""
+        saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith(f"{type(self).__name__}{{")]
+        if saved and self.state_key not in saved:
+            say("note: the --checkpoint settings differ from the checkpoint's: last.ckpt goes on, and the best "
+                "checkpoints are chosen anew from here (the earlier ones stay in the folder)")  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         old = state_dict.get("dirpath")

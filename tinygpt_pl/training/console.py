@@ -46,6 +46,10 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    # a run resumed with other --checkpoint settings: RunCheckpoint says what that means (only the advice that names
+    # RunCheckpoint alone, which cannot be followed: the callback comes from those settings)
+    advice = r"Be aware that when using `ckpt_path`.* callbacks: \[\"RunCheckpoint\{[^}]*\}\"\]\.$"
+    warnings.filterwarnings("ignore", message=advice)
 
 
 class RunLogger(TensorBoardLogger):
