@@ -3,7 +3,9 @@
 Both run as subprocesses of this script, alternating, so both pay the same interpreter start-up; the wall time
 of each is the whole subprocess. The plain loop (`--plain`) reads the same YAML config and runs plain_loop.py's
 training step, with what nanoGPT's loop does besides training (a logged loss every log_every_n_steps, val/loss
-over the same validation blocks and a checkpoint at every validation).
+over the same validation blocks and a checkpoint at every validation). train.py also runs with
+`--model.sample_tokens 0`: without the text sample that it logs at each validation (nanoGPT's loop writes none),
+it does the plain loop's work, and logs more.
 
     python benchmarks/cpu_recipe.py --data-path /path/to/tinyshakespeare.txt [--repeats 3]
 """
@@ -109,48 +111,53 @@ def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None
             root = Path(tmp) / f"project-{i}"
             project_cmd = [sys.executable, "train.py", "--config", str(config), "--data.path", data_path,
                            "--trainer.default_root_dir", str(root)]  # fmt: skip
-            plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", "--config", str(config),
-                         "--data-path", data_path]  # fmt: skip
+            commands = {
+                "project": project_cmd,
+                "no sample": [*project_cmd[:-1], str(root.with_name(f"no-sample-{i}")), "--model.sample_tokens", "0"],
+                "plain": [sys.executable, str(Path(__file__).resolve()), "--plain", "--config", str(config),
+                          "--data-path", data_path],
+            }  # fmt: skip
             plain_log = Path(tmp) / f"plain-{i}.log"
-            order = ["project", "plain"] if i % 2 == 0 else ["plain", "project"]  # ABBA: balance drift
+            order = list(commands)[i % 3 :] + list(commands)[: i % 3]  # each goes first once in 3 repeats: drift
             seconds = {}
             for which in order:
-                if which == "project":
-                    seconds[which] = run_timed(project_cmd, Path(tmp) / f"project-{i}.log")
-                else:
-                    seconds[which] = run_timed(plain_cmd, plain_log)
+                log = plain_log if which == "plain" else Path(tmp) / f"{which.replace(' ', '-')}-{i}.log"
+                seconds[which] = run_timed(commands[which], log)
                 print(f"repeat {i + 1}/{repeats}: {which} {seconds[which]:.1f} s", flush=True)
             project_losses, plain_losses = project_val_losses(root), plain_val_losses(plain_log)
             if project_losses.keys() != plain_losses.keys():
                 sys.exit(f"validated at different steps: {sorted(project_losses)} vs {sorted(plain_losses)}")
             last = max(plain_losses)
             max_diff = max(abs(project_losses[s] - plain_losses[s]) for s in plain_losses)
-            rows.append((seconds["project"], seconds["plain"], project_losses[last], plain_losses[last], max_diff))
+            rows.append((seconds["project"], seconds["no sample"], seconds["plain"], project_losses[last],
+                         plain_losses[last], max_diff))  # fmt: skip
 
-    project_s, plain_s = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+    project_s, bare_s, plain_s = (statistics.median(r[k] for r in rows) for k in range(3))
     lines = [
-        "| run | train.py wall (s) | plain loop wall (s) | project/plain | train.py val/loss | plain val/loss "
-        f"| max abs diff of val/loss at the {len(plain_losses)} validations |",
-        "|---|---|---|---|---|---|---|",
+        "| run | train.py wall (s) | without samples (s) | plain loop wall (s) | project/plain | without samples/plain "
+        f"| train.py val/loss | plain val/loss | max abs diff of val/loss at the {len(plain_losses)} validations |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(
-            f"| {i + 1} | {p:.1f} | {q:.1f} | {p / q:.3f} | {a:.4f} | {b:.4f} | {d:.1e} |"
-            for i, (p, q, a, b, d) in enumerate(rows)
+            f"| {i + 1} | {p:.1f} | {b:.1f} | {q:.1f} | {p / q:.3f} | {b / q:.3f} | {x:.4f} | {y:.4f} | {d:.1e} |"
+            for i, (p, b, q, x, y, d) in enumerate(rows)
         ),  # fmt: skip
-        f"| **median** | **{project_s:.1f}** | **{plain_s:.1f}** | **{project_s / plain_s:.3f}** "
-        f"| {statistics.median(r[2] for r in rows):.4f} | {statistics.median(r[3] for r in rows):.4f} | |",
+        f"| **median** | **{project_s:.1f}** | **{bare_s:.1f}** | **{plain_s:.1f}** | **{project_s / plain_s:.3f}** "
+        f"| **{bare_s / plain_s:.3f}** | {statistics.median(r[3] for r in rows):.4f} "
+        f"| {statistics.median(r[4] for r in rows):.4f} | |",
         "",
-        f"Ratio of medians: project/plain = {project_s / plain_s:.3f}, plain/project = {plain_s / project_s:.3f} "
-        f"(target: project/plain <= 1.05). Final val/loss is at step {last}, over the full val split "
-        "(target: <= 1.88).",
+        f"Ratio of medians: project/plain = {project_s / plain_s:.3f}, without the text samples "
+        f"{bare_s / plain_s:.3f} (target: project/plain <= 1.05). Final val/loss is at step {last}, over the full val "
+        "split (target: <= 1.88).",
     ]
     body = "\n".join(
         [
             stamp(),
             f"Config {config.name}; torch {version('torch')}, lightning {version('lightning')}.",
             "",
-            f"Each repeat runs, alternating which goes first, `{shlex.join(['python', *project_cmd[1:]])}` "
-            "(TMP: a fresh temporary directory) and the plain PyTorch loop of the same recipe, "
-            f"`{shlex.join(['python', *plain_cmd[1:]])}`. Wall time is the whole subprocess.",
+            f"Each repeat runs, in turn first, `{shlex.join(['python', *project_cmd[1:]])}` "
+            "(TMP: a fresh temporary directory), the same with `--model.sample_tokens 0`, and the plain PyTorch "
+            f"loop of the same recipe, `{shlex.join(['python', *commands['plain'][1:]])}`. Wall time is the whole "
+            "subprocess.",
             "",
             *lines,
         ]
