@@ -1,10 +1,11 @@
 """benchmarks/gpu_targets.py --dry-run: on the CPU every step of the GPU check starts and fills its row of the table,
 so that the first lent GPU runs it without surprises."""
 
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 @pytest.mark.slow  # the doctor, two training runs and the generation benchmark, each a process: about a minute
@@ -50,14 +51,12 @@ def test_steps_past_the_budget_say_so_and_the_table_is_still_written(tmp_path: P
     assert len(table) == 6 and all("not run: the --budget of 1 s was spent" in line for line in table), table
 
 
-def test_a_command_after_the_budget_ran_out_within_a_step_is_not_started(tmp_path: Path) -> None:
+def test_a_command_after_the_budget_ran_out_within_a_step_is_not_started(tmp_path: Path, monkeypatch) -> None:
     """A step of several commands (chat fine-tuning: two runs) whose first one used up the budget: the second one is
     reported as not run, instead of being started with a time-out below zero."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # for this test only: its modules' names are generic
     from gpu_targets import Runner
 
     runner = Runner(budget=0, logs=tmp_path)
     assert runner.run("second", [sys.executable, "-c", "open('started', 'w')"], 60) == (runner.spent(), "")
-    assert not (Path(__file__).parents[1] / "started").exists() and not list(tmp_path.iterdir())
+    assert not (ROOT / "started").exists() and not list(tmp_path.iterdir())
