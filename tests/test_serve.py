@@ -348,18 +348,46 @@ def test_a_stream_left_before_its_end_cancels_its_completion():
     assert asyncio.run(read(1)) == (["data: 0\n\n"], [True])
 
 
+def test_keep_freed_memory_serves_a_large_block_again_from_the_heap() -> None:
+    """A 40 MiB block, over the largest mmap threshold glibc adapts to by itself (32 MiB), allocated, written and freed
+    again and again: fresh pages from the system each time (10,240 faults), unless keep_freed_memory keeps it in the
+    heap. (glibc's own malloc: torch's aligned allocations fragment the heap in ways that depend on what else lives
+    there, which the worker test below meets.)"""
+    probe = """if 1:
+        import ctypes, resource, sys
+        from tinygpt_pl.generation.server import keep_freed_memory
+        if sys.argv[1] == "keep":
+            keep_freed_memory()
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+        faults = []
+        for _ in range(3):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            block = libc.malloc(40 << 20)
+            ctypes.memset(block, 1, 40 << 20)
+            libc.free(block)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(faults[-1])
+    """
+    run = {how: subprocess.run([sys.executable, "-c", probe, how], capture_output=True, text=True, check=True)
+           for how in ("keep", "default")}  # fmt: skip
+    assert int(run["keep"].stdout) < 100 < 10_000 < int(run["default"].stdout), run
+
+
 def test_the_worker_keeps_freed_memory_for_the_next_step(gpt2_standin) -> None:
     """A decode step's logits over GPT-2's vocabulary (3 MiB for 16 completions) and their copies, freed and allocated
     again at every step, stay in the worker's heap instead of coming back as fresh pages from the system: a page
-    fault each 4 KiB, which took a quarter of the time of 16 completions together in benchmarks/serving.py."""
+    fault each 4 KiB, which took a quarter of the time of 16 completions together in benchmarks/serving.py. A round
+    whose batches take a shape not seen before (it depends on when the requests arrive) may still grow the heap once
+    (87,000 faults seen under load), so the test looks for a round that needed no new memory."""
     bodies = [{"prompt": f"To be or not {i}", "max_tokens": 60, "temperature": 0.8 * (i % 2), "seed": i}
               for i in range(16)]  # fmt: skip
     with serving(gpt2_standin) as (server, url), ThreadPoolExecutor(16) as pool:
         [worker] = [pid for pid, fields in session_stats(server.pid).items() if pid != server.pid and
                     "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]  # fmt: skip
         faults = []
-        for _ in range(3):
+        for _ in range(5):
             before = int(session_stats(server.pid)[worker][7])  # minflt
             assert all(status == 200 for status, _, _ in pool.map(lambda body: post(url, body), bodies))
             faults.append(int(session_stats(server.pid)[worker][7]) - before)
-    assert faults[-1] < 5000, faults  # 16 x 60 tokens: 421 here; 36,000 without keep_freed_memory
+    assert min(faults[1:]) < 5000, faults  # 16 x 60 tokens: 0 to 400 here; 36,000 to 105,000 without keep_freed_memory
