@@ -59,3 +59,24 @@ def test_val_loss_is_the_exact_token_mean_over_the_whole_split(tmp_path, corpus)
     assert count == len(ids) - 1
     assert result["val/loss"] == pytest.approx(total / count, rel=1e-5)
     assert result["val/ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_a_nan_in_some_validation_batches_makes_val_loss_nan(tmp_path, corpus):
+    """A model that computes NaN for one character shows it in val/loss, instead of its batches being left out of the
+    mean (torchmetrics' default), which would report a finite loss for a broken model."""
+    path = tmp_path / "small.txt"
+    path.write_text(corpus.read_text()[:20_000])
+    dm = TextDataModule(path=str(path), block_size=48, batch_size=5)
+    dm.setup("validate")
+    val_blocks = torch.tensor(dm.val_tokens.astype("int64"))[: len(dm.val_tokens) // 48 * 48].view(-1, 48)
+    blocks_with = torch.stack([(val_blocks == token).any(dim=1).sum() for token in range(dm.vocab_size)])
+    rare = int(torch.where(blocks_with > 0, blocks_with, len(val_blocks)).argmin())
+    assert 0 < blocks_with[rare] < len(val_blocks) / 2  # a character in some validation blocks only
+    module = GPTModule(vocab_size=dm.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    with torch.no_grad():  # its input embedding only: untied from the LM head, whose row would be NaN everywhere
+        module.model.lm_head.weight = torch.nn.Parameter(module.model.lm_head.weight.clone())
+        module.model.transformer.wte.weight[rare] = float("nan")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)  # fmt: skip
+    (result,) = trainer.validate(module, datamodule=dm, verbose=False)
+    assert math.isnan(result["val/loss"]), result

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
-from torchmetrics import MeanMetric
+from torchmetrics import SumMetric
 
 from tinygpt_pl.errors import UsageError
 from tinygpt_pl.evaluation.training import TrainingEvaluation
@@ -142,7 +142,10 @@ class GPTModule(L.LightningModule):
         if init_from is not None:
             self.hparams.update(init_from_hparams(init_from, self.hparams))
         self.build()
-        self.val_loss = MeanMetric()
+        # the split's summed loss and token count, summed across DDP ranks: val/loss is their exact ratio. A NaN stays
+        # in (torchmetrics' default leaves it out, which shows a broken model a finite loss, after a host sync per
+        # batch to find it)
+        self.val_loss_sum, self.val_tokens = SumMetric(nan_strategy="disable"), SumMetric(nan_strategy="disable")
         if max_skips_in_a_row < 1:
             raise UsageError(f"--model.max_skips_in_a_row must be >= 1, got {max_skips_in_a_row}")
         self.guard = NonFiniteGuard(skip_nonfinite_steps, max_skips_in_a_row)
@@ -250,11 +253,14 @@ class GPTModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         _, loss = self.model(x, y)
-        self.val_loss.update(loss, weight=(y != -1).sum())  # token-weighted: exact over the whole split
+        tokens = (y != -1).sum()
+        self.val_loss_sum.update(loss * tokens)
+        self.val_tokens.update(tokens)
 
     def on_validation_epoch_end(self) -> None:
-        val_loss = self.val_loss.compute()  # summed across DDP ranks by torchmetrics
-        self.val_loss.reset()
+        val_loss = self.val_loss_sum.compute() / self.val_tokens.compute()
+        self.val_loss_sum.reset()
+        self.val_tokens.reset()
         # synced already: with rank_zero_only, sync_dist=True runs no collective and tells Lightning not to warn
         log = partial(self.log, rank_zero_only=True, sync_dist=True)
         log("val/loss", val_loss, prog_bar=True)
