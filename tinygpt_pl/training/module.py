@@ -250,11 +250,16 @@ class GPTModule(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.guard.check(self.trainer)
 
+    def on_validation_epoch_start(self) -> None:
+        # sums in fp32 under any precision: bf16-true converts the model with .to(bfloat16), torchmetrics' states too
+        for metric in (self.val_loss_sum, self.val_tokens):
+            metric.set_dtype(torch.float32)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         _, loss = self.model(x, y)
         tokens = (y != -1).sum()
-        self.val_loss_sum.update(loss * tokens)
+        self.val_loss_sum.update(loss.float() * tokens)  # in fp32: a bf16 product of loss and tokens loses digits
         self.val_tokens.update(tokens)
 
     def on_validation_epoch_end(self) -> None:
