@@ -37,15 +37,26 @@ def test_weight_decay_refuses_parameter_names_it_does_not_know():
         module.configure_optimizers()
 
 
-def test_val_loss_is_the_exact_token_mean_over_the_whole_split(tmp_path, corpus):
-    text = corpus.read_text()[:20_000]
+@pytest.fixture
+def small(tmp_path, corpus) -> tuple[TextDataModule, GPTModule]:
+    """A 20,000-character corpus in blocks of 48 and a one-layer GPT for it."""
     path = tmp_path / "small.txt"
-    path.write_text(text)
+    path.write_text(corpus.read_text()[:20_000])
     dm = TextDataModule(path=str(path), block_size=48, batch_size=5)
-    module = GPTModule(vocab_size=dm.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    return dm, GPTModule(vocab_size=dm.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+
+
+def validate(module: GPTModule, dm: TextDataModule, **trainer_args) -> dict[str, float]:
+    """What Trainer.validate reports for the module over the datamodule's val split."""
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False)  # fmt: skip
+                        enable_checkpointing=False, **trainer_args)  # fmt: skip
     (result,) = trainer.validate(module, datamodule=dm, verbose=False)
+    return result
+
+
+def test_val_loss_is_the_exact_token_mean_over_the_whole_split(small):
+    dm, module = small
+    result = validate(module, dm)
 
     ids = torch.tensor(dm.val_tokens.astype("int64"))
     with torch.no_grad():
@@ -61,37 +72,27 @@ def test_val_loss_is_the_exact_token_mean_over_the_whole_split(tmp_path, corpus)
     assert result["val/ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
-def test_a_nan_in_some_validation_batches_makes_val_loss_nan(tmp_path, corpus):
+def test_a_nan_in_some_validation_batches_makes_val_loss_nan(small):
     """A model that computes NaN for one character shows it in val/loss, instead of its batches being left out of the
     mean (torchmetrics' default), which would report a finite loss for a broken model."""
-    path = tmp_path / "small.txt"
-    path.write_text(corpus.read_text()[:20_000])
-    dm = TextDataModule(path=str(path), block_size=48, batch_size=5)
+    dm, module = small
     dm.setup("validate")
     val_blocks = torch.tensor(dm.val_tokens.astype("int64"))[: len(dm.val_tokens) // 48 * 48].view(-1, 48)
     blocks_with = torch.stack([(val_blocks == token).any(dim=1).sum() for token in range(dm.vocab_size)])
     rare = int(torch.where(blocks_with > 0, blocks_with, len(val_blocks)).argmin())
     assert 0 < blocks_with[rare] < len(val_blocks) / 2  # a character in some validation blocks only
-    module = GPTModule(vocab_size=dm.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     with torch.no_grad():  # its input embedding only: untied from the LM head, whose row would be NaN everywhere
         module.model.lm_head.weight = torch.nn.Parameter(module.model.lm_head.weight.clone())
         module.model.transformer.wte.weight[rare] = float("nan")
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False)  # fmt: skip
-    (result,) = trainer.validate(module, datamodule=dm, verbose=False)
+    result = validate(module, dm)
     assert math.isnan(result["val/loss"]), result
 
 
-def test_val_loss_of_a_bf16_model_sums_its_batch_losses_in_fp32(tmp_path, corpus):
+def test_val_loss_of_a_bf16_model_sums_its_batch_losses_in_fp32(small):
     """Under bf16-true, each batch's loss is a bf16 number; the split's sum of loss x tokens is taken in fp32 (in bf16
     the product alone loses up to 128 on 12,288 tokens of a loss near 3)."""
-    path = tmp_path / "small.txt"
-    path.write_text(corpus.read_text()[:20_000])
-    dm = TextDataModule(path=str(path), block_size=48, batch_size=5)
-    module = GPTModule(vocab_size=dm.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, precision="bf16-true")  # fmt: skip
-    (result,) = trainer.validate(module, datamodule=dm, verbose=False)
+    dm, module = small
+    result = validate(module, dm, precision="bf16-true")
 
     total, count = 0.0, 0
     with torch.no_grad():
