@@ -28,6 +28,29 @@ def test_weight_decay_only_on_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
 
 
+def test_adamw_is_fused_on_a_cpu_too_and_steps_as_the_foreach_one_does():
+    """The fused AdamW (3x faster than foreach on a CPU for the CPU recipe's model) on every device; its steps are the
+    foreach AdamW's to rounding."""
+    module = GPTModule(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True)
+    module.trainer = L.Trainer(max_steps=10, logger=False)
+    fused = module.configure_optimizers()["optimizer"]
+    assert fused.defaults["fused"] is True
+    copies = {p: p.detach().clone().requires_grad_() for p in module.parameters()}
+    hyper = ("lr", "betas", "weight_decay")
+    groups = [{"params": [copies[p] for p in g["params"]], **{k: g[k] for k in hyper}} for g in fused.param_groups]
+    foreach = torch.optim.AdamW(groups, foreach=True)
+    assert not foreach.param_groups[0]["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, copy in copies.items():
+            p.grad = torch.randn(p.shape, generator=generator)
+            copy.grad = p.grad.clone()
+        fused.step()
+        foreach.step()
+    for p, copy in copies.items():
+        torch.testing.assert_close(p, copy, rtol=1e-6, atol=1e-7)
+
+
 def test_weight_decay_refuses_parameter_names_it_does_not_know():
     """Decay is chosen by the names of the unwrapped model; a wrapper that renames them must not go unnoticed."""
     module = GPTModule(n_layer=1, n_head=2, n_embd=16, block_size=8)

@@ -320,9 +320,9 @@ class GPTModule(L.LightningModule):
             {"params": [trained[name] for name in decay], "weight_decay": hp.weight_decay},
             {"params": [trained[name] for name in no_decay], "weight_decay": 0.0},
         ]
-        # fused: one kernel per step on GPUs; also the only AdamW that can skip a step on the device (found_inf)
-        fused = self.device.type == "cuda" or hp.skip_nonfinite_steps
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
+        # fused: one kernel per step on GPUs, 3x faster than foreach on a CPU; also the only AdamW that can skip a step
+        # on the device (found_inf)
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=True)
         if muon:
             if not hidden:
                 raise UsageError("--model.optimizer muon: this model has no Blocks for Muon to train: use adamw")
