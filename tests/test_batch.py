@@ -37,7 +37,10 @@ def test_completions_joining_at_different_steps_get_their_text_alone_in_one_forw
     hidden_states = model.hidden_states
 
     def counted(idx, caches=None, positions=None, mask=None):
-        passes[-1].append([caches[0].length] if positions is None else positions[:, -1].tolist())
+        if positions is None:  # one completion: a prompt, a decode step, or a moved window (run without caches, from 0)
+            passes[-1].append([caches[0].length if caches else 0])
+        else:
+            passes[-1].append(positions[:, -1].tolist())
         return hidden_states(idx, caches, positions, mask)
 
     model.hidden_states = counted

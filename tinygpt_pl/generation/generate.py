@@ -6,8 +6,7 @@ runs only for the last position. kv_cache=False is the plain path: each step run
 
 Past the model's context (block_size), the model sees the last block_size tokens, as nanoGPT's generate crops
 them. The window then moves by one position each step, so every cached key and value would belong to another
-position: each step runs the whole window again instead (a prefill), which is exactly what the plain path computes,
-at its cost.
+position: each step runs the whole window again without the caches, as the plain path does.
 """
 
 from collections.abc import Iterator, Sequence
@@ -75,13 +74,9 @@ class NextTokenLogits:
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         context = idx[:, -self.block_size :]
-        if self.caches is None:
+        if self.caches is None or idx.size(1) > self.block_size:  # past the context: the window moved (module doc)
             x = self.model.hidden_states(context)
         else:
-            if idx.size(1) > self.block_size:  # the window moved: no cached position is where it was
-                self.cached = 0
-                for cache in self.caches:
-                    cache.length = 0
             x = self.model.hidden_states(context[:, self.cached :], self.caches)
             self.cached = context.size(1)
         return self.model.logits(x[:, -1], self.head_t)
@@ -119,8 +114,8 @@ class Sampling:
         if self.temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits / self.temperature
-        if self.top_k is not None:
-            v, _ = torch.topk(logits, min(self.top_k, logits.size(-1)))
+        if self.top_k is not None and self.top_k < logits.size(-1):
+            v, _ = torch.topk(logits, self.top_k)
             logits[logits < v[:, [-1]]] = -float("inf")
         probs = F.softmax(logits, dim=-1)
         if self.top_p < 1:
