@@ -5,7 +5,8 @@ of each is the whole subprocess. The plain loop (`--plain`) reads the same YAML 
 training step, with what nanoGPT's loop does besides training (a logged loss every log_every_n_steps, val/loss
 over the same validation blocks and a checkpoint at every validation). train.py also runs with
 `--model.sample_tokens 0`: without the text sample that it logs at each validation (nanoGPT's loop writes none),
-it does the plain loop's work, and logs more.
+it does the plain loop's work, and logs more. The plain loop imports Lightning too (it reuses the project's
+DataModule); the benchmark also times that import, and gives the ratio against a plain loop that imported torch alone.
 
     python benchmarks/cpu_recipe.py --data-path /path/to/tinyshakespeare.txt [--repeats 3]
 """
@@ -103,17 +104,34 @@ def plain_val_losses(log: Path) -> dict[int, float]:
     return {int(s): float(v) for s, v in re.findall(r"^step (\d+) val/loss (\S+)$", log.read_text(), re.M)}
 
 
+# what the plain loop imports (Lightning too: it reuses the project's DataModule and GPTModule's defaults), and what a
+# plain loop of torch alone would
+PLAIN_IMPORTS = "import torch, yaml, plain_loop, tinygpt_pl.data.datamodule, tinygpt_pl.training.module"
+TORCH_IMPORTS = "import torch, yaml, tinygpt_pl.model"
+
+
+def import_seconds(statement: str) -> float:
+    """The wall time of a Python process that runs only `statement` (in benchmarks/, as the plain loop runs)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", statement], cwd=Path(__file__).parent, check=True)
+    return time.perf_counter() - start
+
+
 def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None:
     """Alternate train.py and the plain loop `repeats` times each; print the table and record it in results."""
-    rows = []
+
+    def train_py(root_dir: Path, *args: str) -> list[str]:
+        return [sys.executable, "train.py", "--config", str(config), "--data.path", data_path,
+                "--trainer.default_root_dir", str(root_dir), *args]  # fmt: skip
+
+    rows, lightning_imports = [], []
     with tempfile.TemporaryDirectory(prefix="cpu_recipe-") as tmp:
         for i in range(repeats):
             root = Path(tmp) / f"project-{i}"
-            project_cmd = [sys.executable, "train.py", "--config", str(config), "--data.path", data_path,
-                           "--trainer.default_root_dir", str(root)]  # fmt: skip
+            project_cmd = train_py(root)
             commands = {
                 "project": project_cmd,
-                "no sample": [*project_cmd[:-1], str(root.with_name(f"no-sample-{i}")), "--model.sample_tokens", "0"],
+                "no sample": train_py(root.with_name(f"no-sample-{i}"), "--model.sample_tokens", "0"),
                 "plain": [sys.executable, str(Path(__file__).resolve()), "--plain", "--config", str(config),
                           "--data-path", data_path],
             }  # fmt: skip
@@ -131,8 +149,11 @@ def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None
             max_diff = max(abs(project_losses[s] - plain_losses[s]) for s in plain_losses)
             rows.append((seconds["project"], seconds["no sample"], seconds["plain"], project_losses[last],
                          plain_losses[last], max_diff))  # fmt: skip
+            lightning_imports.append(import_seconds(PLAIN_IMPORTS) - import_seconds(TORCH_IMPORTS))
 
     project_s, bare_s, plain_s = (statistics.median(r[k] for r in rows) for k in range(3))
+    imports_s = statistics.median(lightning_imports)
+    torch_only_s = plain_s - imports_s  # a plain loop's wall time, had it imported torch alone
     lines = [
         "| run | train.py wall (s) | without samples (s) | plain loop wall (s) | project/plain | without samples/plain "
         f"| train.py val/loss | plain val/loss | max abs diff of val/loss at the {len(plain_losses)} validations |",
@@ -148,6 +169,11 @@ def benchmark(config: Path, data_path: str, repeats: int, results: Path) -> None
         f"Ratio of medians: project/plain = {project_s / plain_s:.3f}, without the text samples "
         f"{bare_s / plain_s:.3f} (target: project/plain <= 1.05). Final val/loss is at step {last}, over the full val "
         "split (target: <= 1.88).",
+        "",
+        f"Both loops import Lightning: importing what the plain loop imports takes {imports_s:.1f} s longer than "
+        "importing torch and the GPT alone (median of one pair per repeat). Against a plain loop that imported only "
+        f"those, train.py would take {project_s / torch_only_s:.3f}x, and {bare_s / torch_only_s:.3f}x without the "
+        "text samples.",
     ]
     body = "\n".join(
         [
