@@ -70,7 +70,7 @@ class SharedCache:
 
 
 class SlotCache(KVCache):
-    """A completion's own cache (what NextTokenLogits runs alone: its prompt, a moved window), in its slot's row."""
+    """A completion's own cache (what NextTokenLogits runs alone through it: its prompt), in its slot's row."""
 
     def __init__(self, shared: SharedCache, slot: int) -> None:
         super().__init__(shared.size)
